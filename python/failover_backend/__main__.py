@@ -1,0 +1,7 @@
+"""``python -m failover_backend``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,382 @@
+"""The standby backend: a vhost-user virtio-net device served by the native core.
+
+Quick start::
+
+    from failover_backend import StandbyBackend
+
+    with StandbyBackend("/tmp/standby.sock", port="tap:fbtap0", mac="52:54:00:12:34:56") as backend:
+        print(" ".join(backend.qemu_args()))
+        await backend.wait_connected(timeout=30)
+        print(backend.features.acked_names)
+        print(backend.stats().tx_packets)
+
+The datapath runs on native threads that never take the GIL; every method here is
+cheap and non-blocking except the ``wait_*`` coroutines, which wait off the event
+loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Union, cast
+
+from . import _native
+from .errors import BackendError, ConfigError
+from .qemu_args import standby_qemu_args
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Connection states, as :attr:`StandbyBackend.state` reports them.
+State = Literal["stopped", "listening", "connecting", "connected", "failed"]
+
+# How long one native wait may hold a worker thread; short, so cancellation is prompt.
+_WAIT_SLICE = 0.1
+
+
+@contextmanager
+def _native_errors() -> Iterator[None]:
+    """Turn the native module's exceptions into this package's."""
+    try:
+        yield
+    except _native.BackendError as err:
+        raise BackendError(str(err)) from err
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Counters of one virtqueue; directions follow the guest's view, as virtio does."""
+
+    queue: int
+    direction: Literal["rx", "tx"]
+    packets: int
+    bytes: int
+    drops: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    """Counters of every virtqueue, summed over all connections so far."""
+
+    queues: tuple[QueueStats, ...]
+
+    def _sum(self, direction: str, field: str) -> int:
+        return sum(int(getattr(q, field)) for q in self.queues if q.direction == direction)
+
+    @property
+    def tx_packets(self) -> int:
+        """Frames the guest sent (guest → host)."""
+        return self._sum("tx", "packets")
+
+    @property
+    def rx_packets(self) -> int:
+        """Frames delivered to the guest (host → guest)."""
+        return self._sum("rx", "packets")
+
+    @property
+    def tx_bytes(self) -> int:
+        return self._sum("tx", "bytes")
+
+    @property
+    def rx_bytes(self) -> int:
+        return self._sum("rx", "bytes")
+
+    @property
+    def drops(self) -> int:
+        return sum(q.drops for q in self.queues)
+
+    @property
+    def errors(self) -> int:
+        return sum(q.errors for q in self.queues)
+
+    def table(self) -> str:
+        """The counters as a small aligned table."""
+        lines = [f"{'queue':<7}{'packets':>14}{'bytes':>16}{'drops':>10}{'errors':>9}"]
+        for q in self.queues:
+            name = f"{q.direction}{q.queue // 2}"
+            lines.append(f"{name:<7}{q.packets:>14}{q.bytes:>16}{q.drops:>10}{q.errors:>9}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Negotiation:
+    """Feature negotiation of the current (or last) vhost-user connection."""
+
+    offered: int
+    """virtio feature bits the backend offers."""
+    acked: int | None
+    """Bits the frontend acked, ``None`` until it sent SET_FEATURES."""
+    protocol_offered: int
+    """vhost-user protocol feature bits the backend offers."""
+    dirty_logging: bool
+    """VHOST_F_LOG_ALL is on: a migration is copying guest memory."""
+    connections: int
+    """Frontend connections accepted so far."""
+
+    @property
+    def negotiated(self) -> bool:
+        return self.acked is not None
+
+    @property
+    def offered_names(self) -> list[str]:
+        return _native.feature_names(self.offered)
+
+    @property
+    def acked_names(self) -> list[str]:
+        return _native.feature_names(self.acked or 0)
+
+    @property
+    def protocol_offered_names(self) -> list[str]:
+        return _native.protocol_feature_names(self.protocol_offered)
+
+    def has(self, bit_mask: int) -> bool:
+        """Whether the frontend acked every bit of ``bit_mask``."""
+        return self.acked is not None and self.acked & bit_mask == bit_mask
+
+
+@dataclass(frozen=True)
+class BackendEvent:
+    """Something that happened to the device (connect, negotiation, disconnect...)."""
+
+    time: float
+    kind: str
+    message: str
+    details: dict[str, Any]
+
+
+class StandbyBackend:
+    """A vhost-user virtio-net standby device.
+
+    :param socket_path: The vhost-user Unix socket.
+    :param port: Host side: ``"null"`` (count and drop), ``"loop"`` (back to the
+        guest) or ``"tap:NAME"`` (a TAP device, created if missing).
+    :param mac: The guest's MAC (the primary must carry the same one); random if omitted.
+    :param queues: Queue pairs (one worker thread each).
+    :param client: Connect to a socket the frontend listens on, instead of listening.
+    :param queue_size: Largest ring the frontend may pick.
+    :param mtu: MTU advised to the guest.
+    :raise ConfigError: When an argument is invalid (the message names it).
+    :raise BackendError: When the port cannot be opened.
+    """
+
+    def __init__(
+        self,
+        socket_path: PathLike,
+        *,
+        port: str = "null",
+        mac: str | None = None,
+        queues: int = 1,
+        client: bool = False,
+        queue_size: int = 1024,
+        mtu: int = 1500,
+    ) -> None:
+        if not 1 <= queues <= 16:
+            raise ConfigError("queues", f"must be between 1 and 16, got {queues}")
+        if not 64 <= queue_size <= 32768:
+            raise ConfigError(
+                "queue_size", f"must be a power of two from 64 to 32768, got {queue_size}"
+            )
+        if not 68 <= mtu <= 65535:
+            raise ConfigError("mtu", f"must be between 68 and 65535, got {mtu}")
+        try:
+            with _native_errors():
+                self._native = _native.NativeBackend(
+                    os.fspath(socket_path),
+                    port=port,
+                    mac=mac,
+                    queues=queues,
+                    client=client,
+                    queue_size=queue_size,
+                    mtu=mtu,
+                )
+        except ValueError as err:
+            field, _, message = str(err).partition(": ")
+            raise ConfigError(field.replace(" ", "_"), message or str(err)) from err
+        self._event_cursor = 0
+
+    # -- life cycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start serving; in server mode the socket exists when this returns.
+
+        :raise BackendError: When the socket cannot be bound (or is in use).
+        """
+        with _native_errors():
+            self._native.start()
+
+    def stop(self) -> None:
+        """Close the connection, stop, remove the socket. Safe to call twice."""
+        self._native.stop()
+
+    def __enter__(self) -> StandbyBackend:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> StandbyBackend:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+
+    # -- what it is -----------------------------------------------------------
+
+    @property
+    def socket_path(self) -> str:
+        return self._native.socket_path
+
+    @property
+    def mac(self) -> str:
+        return self._native.mac
+
+    @property
+    def port(self) -> str:
+        return self._native.port
+
+    @property
+    def queues(self) -> int:
+        return self._native.queues
+
+    @property
+    def client(self) -> bool:
+        return self._native.client
+
+    @property
+    def state(self) -> State:
+        """``stopped``, ``listening``, ``connecting``, ``connected`` or ``failed``."""
+        return self._native.state  # type: ignore[return-value]
+
+    @property
+    def features(self) -> Negotiation:
+        """Offered and acked features; read at any time without stalling the datapath."""
+        n = self._native.negotiation()
+        return Negotiation(
+            offered=n["offered_features"],
+            acked=n["acked_features"],
+            protocol_offered=n["offered_protocol_features"],
+            dirty_logging=n["dirty_logging"],
+            connections=n["connections"],
+        )
+
+    def stats(self) -> BackendStats:
+        """Per-queue counters; read at any time without stalling the datapath."""
+        return BackendStats(tuple(QueueStats(**q) for q in self._native.stats()))
+
+    def qemu_args(self, device_id: str = "standby0") -> list[str]:
+        """The QEMU arguments that attach a ``failover=on`` standby to this backend."""
+        return standby_qemu_args(
+            socket_path=self.socket_path,
+            mac=self.mac,
+            queues=self.queues,
+            backend_is_client=self.client,
+            device_id=device_id,
+        )
+
+    # -- events and waits -----------------------------------------------------
+
+    def events(self) -> list[BackendEvent]:
+        """Events since the last call (connects, negotiations, disconnects...)."""
+        raw, self._event_cursor = self._native.events(self._event_cursor, 0.0)
+        return [_event(e) for e in raw]
+
+    async def watch(self) -> AsyncIterator[BackendEvent]:
+        """Yield events as they happen, forever (cancel the task to stop)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            raw, self._event_cursor = await loop.run_in_executor(
+                None, self._native.events, self._event_cursor, _WAIT_SLICE
+            )
+            for e in raw:
+                yield _event(e)
+
+    async def wait_state(self, states: list[State], timeout: float) -> State:
+        """Wait until the backend is in one of ``states``.
+
+        :raise TimeoutError: When ``timeout`` seconds pass first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        wanted: list[str] = list(states)
+        while True:
+            remaining = deadline - time.monotonic()
+            reached = await loop.run_in_executor(
+                None, self._native.wait_state, wanted, max(0.0, min(_WAIT_SLICE, remaining))
+            )
+            state = cast(State, reached)
+            if state in states:
+                return state
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"backend on {self.socket_path} is {state}, not {'/'.join(wanted)}, "
+                    f"after {timeout:.1f} s"
+                )
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until a frontend is connected.
+
+        :raise TimeoutError: When none connects within ``timeout`` seconds.
+        :raise BackendError: When the backend failed or was stopped meanwhile.
+        """
+        state = await self.wait_state(["connected", "failed", "stopped"], timeout)
+        if state != "connected":
+            raise BackendError(f"backend on {self.socket_path} is {state}")
+
+    async def wait_negotiated(self, timeout: float) -> Negotiation:
+        """Wait until the connected frontend acked its features.
+
+        :raise TimeoutError: When it does not within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            features = self.features
+            if features.negotiated and self.state == "connected":
+                return features
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"frontend on {self.socket_path} did not negotiate features in {timeout:.1f} s"
+                )
+            await asyncio.sleep(0.02)
+
+    # -- steering ----------------------------------------------------------------
+
+    def announce(self, count: int = 1) -> int:
+        """Send ``count`` RARP frames from the guest's MAC out of the host port, so the
+        host's switches learn that the guest is now reached through the standby.
+
+        :raise BackendError: When the port cannot send (``null``/``loop``) or the write fails.
+        """
+        with _native_errors():
+            return self._native.announce(count)
+
+    def __repr__(self) -> str:
+        return (
+            f"StandbyBackend({self.socket_path!r}, port={self.port!r}, mac={self.mac!r}, "
+            f"queues={self.queues}, client={self.client}, state={self.state!r})"
+        )
+
+
+def _event(raw: dict[str, Any]) -> BackendEvent:
+    details = {k: v for k, v in raw.items() if k not in ("time", "kind", "message")}
+    return BackendEvent(time=raw["time"], kind=raw["kind"], message=raw["message"], details=details)

@@ -1,0 +1,128 @@
+"""Command line: ``python -m failover_backend <command>``.
+
+Exit codes: 0 success, 1 runtime failure (the cause is printed), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from .backend import StandbyBackend
+from .errors import ConfigError, FailoverError
+from .serve import serve
+
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _port(value: str) -> str:
+    if value in ("null", "loop") or (value.startswith("tap:") and 0 < len(value) - 4 < 16):
+        return value
+    raise argparse.ArgumentTypeError(f"expected null, loop or tap:NAME, got {value!r}")
+
+
+def _mac(value: str) -> str:
+    if not _MAC.match(value):
+        raise argparse.ArgumentTypeError(
+            f"expected six hex octets like 52:54:00:12:34:56, got {value!r}"
+        )
+    if int(value[:2], 16) & 1:
+        raise argparse.ArgumentTypeError(f"{value} is a multicast address")
+    return value.lower()
+
+
+def _bounded(low: int, high: int) -> type[int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {number}")
+        return number
+
+    return parse  # type: ignore[return-value]
+
+
+def _power_of_two(value: str) -> int:
+    number = _bounded(64, 32768)(value)
+    if number & (number - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {number}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m failover_backend",
+        description="vhost-user standby backend and controller for QEMU virtio-net failover",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run a standby vhost-user backend in the foreground",
+        description="Serve a vhost-user virtio-net standby device until SIGINT/SIGTERM.",
+    )
+    serve_cmd.add_argument("--socket", required=True, help="vhost-user socket path")
+    serve_cmd.add_argument(
+        "--client", action="store_true", help="connect to a socket the frontend listens on"
+    )
+    serve_cmd.add_argument(
+        "--port",
+        type=_port,
+        default="null",
+        help="host side: null, loop or tap:NAME (default null)",
+    )
+    serve_cmd.add_argument(
+        "--queues", type=_bounded(1, 16), default=1, help="queue pairs (default 1)"
+    )
+    serve_cmd.add_argument("--mac", type=_mac, help="guest MAC (default: random local address)")
+    serve_cmd.add_argument(
+        "--queue-size", type=_power_of_two, default=1024, help="largest ring size (default 1024)"
+    )
+    serve_cmd.add_argument(
+        "--mtu", type=_bounded(68, 65535), default=1500, help="MTU (default 1500)"
+    )
+    return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    backend = StandbyBackend(
+        args.socket,
+        port=args.port,
+        mac=args.mac,
+        queues=args.queues,
+        client=args.client,
+        queue_size=args.queue_size,
+        mtu=args.mtu,
+    )
+    return asyncio.run(serve(backend))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "serve":
+            return _run_serve(args)
+    except ConfigError as err:
+        parser.error(str(err))
+    except FailoverError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2

@@ -1,0 +1,50 @@
+"""``serve``: run one standby backend in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import signal
+import sys
+
+from .backend import StandbyBackend
+
+logger = logging.getLogger("failover_backend.serve")
+
+
+async def _log_events(backend: StandbyBackend) -> None:
+    async for event in backend.watch():
+        level = logging.WARNING if event.details.get("reason") else logging.INFO
+        logger.log(level, "%s", event.message)
+
+
+async def serve(backend: StandbyBackend) -> int:
+    """Serve until a stop signal; prints the QEMU arguments first and the counters last."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    backend.start()
+    watcher = asyncio.create_task(_log_events(backend))
+    try:
+        print("QEMU arguments: " + shlex.join(backend.qemu_args()), flush=True)
+        logger.info(
+            "serving %s (port %s, mac %s, %d queue pair(s)); guest RAM must be shared: "
+            "-object memory-backend-memfd,...,share=on",
+            backend.socket_path,
+            backend.port,
+            backend.mac,
+            backend.queues,
+        )
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await loop.run_in_executor(None, backend.stop)
+        # Let the watcher print the last events (disconnect, stopped).
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    print(backend.stats().table(), file=sys.stdout, flush=True)
+    return 0

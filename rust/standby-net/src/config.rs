@@ -1,0 +1,264 @@
+//! What a standby backend is asked to be: socket, mode, host port, MAC, queues.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// Most queue pairs one device serves (one worker thread each).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Ring size advertised as the maximum; frontends pick any power of two up to it.
+pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 1024;
+pub const DEFAULT_MTU: u16 = 1500;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("port: expected null, loop or tap:NAME, got {0:?}")]
+    UnknownPort(String),
+    #[error("port: TAP name {0:?} must be 1 to 15 characters without '/' or whitespace")]
+    BadTapName(String),
+    #[error("mac: expected six hex octets like 52:54:00:12:34:56, got {0:?}")]
+    BadMac(String),
+    #[error("mac: {0} is a multicast address; a NIC needs a unicast one")]
+    MulticastMac(MacAddr),
+    #[error("queues: must be between 1 and {MAX_QUEUE_PAIRS}, got {0}")]
+    BadQueuePairs(u16),
+    #[error("queue size: must be a power of two between 64 and 32768, got {0}")]
+    BadQueueSize(u16),
+    #[error("mtu: must be between 68 and 65535, got {0}")]
+    BadMtu(u16),
+    #[error("socket: path is empty")]
+    EmptySocketPath,
+}
+
+/// The host side of the device: where guest frames go and where frames for the guest come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    /// Count and drop what the guest sends; nothing to receive.
+    Null,
+    /// Deliver every frame the guest sends back to its own receive queue.
+    Loop,
+    /// A TAP device, opened or created by name.
+    Tap { name: String },
+}
+
+impl FromStr for PortSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "null" => Ok(Self::Null),
+            "loop" => Ok(Self::Loop),
+            _ => match s.strip_prefix("tap:") {
+                Some(name) => {
+                    let valid = !name.is_empty()
+                        && name.len() < libc::IFNAMSIZ
+                        && !name.contains(|c: char| c == '/' || c.is_whitespace());
+                    if valid {
+                        Ok(Self::Tap {
+                            name: name.to_string(),
+                        })
+                    } else {
+                        Err(ConfigError::BadTapName(name.to_string()))
+                    }
+                }
+                None => Err(ConfigError::UnknownPort(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Null => f.write_str("null"),
+            Self::Loop => f.write_str("loop"),
+            Self::Tap { name } => write!(f, "tap:{name}"),
+        }
+    }
+}
+
+/// An Ethernet address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    /// A random locally administered unicast address.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 6];
+        let filled = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+        if filled.is_err() {
+            // Only reached without /dev/urandom; the pid and clock still vary per run.
+            let seed = std::process::id() as u64
+                ^ std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+            bytes.copy_from_slice(&seed.to_le_bytes()[..6]);
+        }
+        bytes[0] = (bytes[0] & 0xfe) | 0x02;
+        Self(bytes)
+    }
+
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 == 1
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::BadMac(s.to_string());
+        let mut bytes = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in bytes.iter_mut() {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        let mac = Self(bytes);
+        if mac.is_multicast() {
+            return Err(ConfigError::MulticastMac(mac));
+        }
+        Ok(mac)
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// Everything needed to run one standby device.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// The vhost-user socket.
+    pub socket_path: PathBuf,
+    /// Connect to a socket the frontend listens on instead of listening ourselves.
+    pub client: bool,
+    pub port: PortSpec,
+    /// The guest's MAC, used for host-side announcements.
+    pub mac: MacAddr,
+    pub queue_pairs: u16,
+    pub max_queue_size: u16,
+    pub mtu: u16,
+}
+
+impl BackendConfig {
+    pub fn new(socket_path: impl Into<PathBuf>, port: PortSpec) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            client: false,
+            port,
+            mac: MacAddr::random(),
+            queue_pairs: 1,
+            max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
+            mtu: DEFAULT_MTU,
+        }
+    }
+
+    /// Check every field; the first bad one is reported.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.socket_path.as_os_str().is_empty() {
+            return Err(ConfigError::EmptySocketPath);
+        }
+        if self.queue_pairs == 0 || self.queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(ConfigError::BadQueuePairs(self.queue_pairs));
+        }
+        if !self.max_queue_size.is_power_of_two() || self.max_queue_size < 64 {
+            return Err(ConfigError::BadQueueSize(self.max_queue_size));
+        }
+        if self.mtu < 68 {
+            return Err(ConfigError::BadMtu(self.mtu));
+        }
+        if self.mac.is_multicast() {
+            return Err(ConfigError::MulticastMac(self.mac));
+        }
+        Ok(())
+    }
+
+    /// Number of virtqueues: one receive and one transmit queue per pair.
+    pub fn num_queues(&self) -> usize {
+        2 * self.queue_pairs as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ports() {
+        assert_eq!("null".parse(), Ok(PortSpec::Null));
+        assert_eq!("loop".parse(), Ok(PortSpec::Loop));
+        assert_eq!("tap:fb0".parse(), Ok(PortSpec::Tap { name: "fb0".into() }));
+        assert_eq!(
+            "tap:".parse::<PortSpec>(),
+            Err(ConfigError::BadTapName(String::new()))
+        );
+        assert!(matches!(
+            "tap:name-that-is-too-long".parse::<PortSpec>(),
+            Err(ConfigError::BadTapName(_))
+        ));
+        assert!(matches!(
+            "udp:1.2.3.4".parse::<PortSpec>(),
+            Err(ConfigError::UnknownPort(_))
+        ));
+    }
+
+    #[test]
+    fn parses_and_prints_macs() {
+        let mac: MacAddr = "52:54:00:AB:cd:01".parse().unwrap();
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:01");
+        for bad in [
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "52-54-00-ab-cd-01",
+            "zz:54:00:ab:cd:01",
+            "5:54:00:ab:cd:01",
+        ] {
+            assert!(
+                matches!(bad.parse::<MacAddr>(), Err(ConfigError::BadMac(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            "01:00:5e:00:00:01".parse::<MacAddr>(),
+            Err(ConfigError::MulticastMac(_))
+        ));
+    }
+
+    #[test]
+    fn random_mac_is_local_unicast() {
+        let mac = MacAddr::random();
+        assert!(!mac.is_multicast());
+        assert_eq!(mac.0[0] & 2, 2);
+    }
+
+    #[test]
+    fn validates_fields() {
+        let mut config = BackendConfig::new("/tmp/x.sock", PortSpec::Null);
+        assert_eq!(config.validate(), Ok(()));
+        config.queue_pairs = 0;
+        assert_eq!(config.validate(), Err(ConfigError::BadQueuePairs(0)));
+        config.queue_pairs = 2;
+        assert_eq!(config.num_queues(), 4);
+        config.max_queue_size = 1000;
+        assert_eq!(config.validate(), Err(ConfigError::BadQueueSize(1000)));
+    }
+}

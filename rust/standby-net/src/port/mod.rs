@@ -1,0 +1,129 @@
+//! Host-side ports: where the guest's frames go and where frames for the guest come from.
+//!
+//! A device has one port per queue pair, owned by that pair's worker while a frontend
+//! is connected, and kept by the server across connections (a TAP must not vanish
+//! because QEMU restarted).
+
+mod loopback;
+mod null;
+mod open_tap;
+mod tap;
+mod tap_port;
+
+use std::io;
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vm_memory::GuestAddress;
+
+use crate::config::PortSpec;
+use crate::virtio_net::OFFLOAD_FEATURES;
+use crate::GuestMemory;
+
+pub use loopback::LoopPort;
+pub use null::NullPort;
+pub use open_tap::{open_tap_queues, OpenTapError};
+pub use tap::{HostWriter, Tap};
+
+/// One guest frame in guest memory: the virtio-net header, then the Ethernet frame,
+/// spread over the readable descriptors of a transmit chain.
+pub struct GuestFrame<'a> {
+    pub mem: &'a GuestMemory,
+    /// `(address, length)` of each readable descriptor, all checked to lie in `mem`.
+    pub segments: &'a [(GuestAddress, u32)],
+    /// Sum of the segment lengths.
+    pub len: usize,
+}
+
+/// What became of a frame handed to [`Port::transmit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// Taken by the host side.
+    Sent,
+    /// Lost on the host side (for example a TAP whose queue is full).
+    Dropped,
+    /// Cannot be taken now; offer it again after the port made room.
+    Busy,
+}
+
+/// The host side of one queue pair.
+pub trait Port: Send {
+    /// Hand one frame from the guest to the host side.
+    fn transmit(&mut self, frame: &GuestFrame<'_>) -> io::Result<TxOutcome>;
+
+    /// The next frame for the guest, virtio-net header first. It stays here until
+    /// [`Port::consume_rx`], so a frame that finds no guest buffer is not lost.
+    /// The caller may rewrite the header in place (`num_buffers`).
+    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>>;
+
+    /// Forget the frame `peek_rx` returned.
+    fn consume_rx(&mut self);
+
+    /// A descriptor that becomes readable when `peek_rx` may have a new frame,
+    /// watched edge-triggered; `None` for ports fed only by `transmit`.
+    fn rx_fd(&self) -> Option<RawFd>;
+
+    /// Header length and offloads the guest acked.
+    fn configure(&mut self, vnet_hdr_len: usize, acked_features: u64) -> io::Result<()>;
+
+    /// Drop frames held for a connection that is gone.
+    fn reset(&mut self);
+}
+
+/// A port shared between the server (which keeps it across connections) and the
+/// worker of its queue pair (the only one that locks it while connected).
+pub type SharedPort = Arc<Mutex<Box<dyn Port>>>;
+
+#[derive(Debug, Error)]
+pub enum OpenPortError {
+    #[error(transparent)]
+    Tap(#[from] OpenTapError),
+}
+
+/// The ports of a device, and the virtio features they can support.
+pub struct OpenPorts {
+    pub ports: Vec<SharedPort>,
+    /// Offload features the ports can honour (a subset of [`OFFLOAD_FEATURES`]).
+    pub offload_features: u64,
+    /// Writes frames onto the host side from outside the datapath (announcements).
+    pub host_writer: Option<HostWriter>,
+}
+
+/// Open one port per queue pair.
+pub fn open_ports(spec: &PortSpec, queue_pairs: u16) -> Result<OpenPorts, OpenPortError> {
+    let shared = |port: Box<dyn Port>| Arc::new(Mutex::new(port));
+    match spec {
+        PortSpec::Null => Ok(OpenPorts {
+            ports: (0..queue_pairs)
+                .map(|_| shared(Box::new(NullPort)))
+                .collect(),
+            offload_features: 0,
+            host_writer: None,
+        }),
+        PortSpec::Loop => Ok(OpenPorts {
+            ports: (0..queue_pairs)
+                .map(|_| shared(Box::<LoopPort>::default()))
+                .collect(),
+            offload_features: 0,
+            host_writer: None,
+        }),
+        PortSpec::Tap { name } => {
+            let opened = open_tap_queues(name, queue_pairs)?;
+            let offload_features = if opened.offloads_supported {
+                OFFLOAD_FEATURES
+            } else {
+                0
+            };
+            Ok(OpenPorts {
+                host_writer: Some(opened.host_writer),
+                ports: opened
+                    .ports
+                    .into_iter()
+                    .map(|port| shared(Box::new(port)))
+                    .collect(),
+                offload_features,
+            })
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! One queue pair's datapath: the guest's transmit queue into the port, and the
+//! port into the guest's receive queue.
+//!
+//! Descriptor chains are walked with `virtio-queue`; guest memory is only read and
+//! written through vm-memory, so every write is range-checked and dirty-logged.
+//! Nothing here allocates per frame: segment lists live in the worker and are reused.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vhost_user_backend::VringT;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::port::{GuestFrame, Port, SharedPort, TxOutcome};
+use crate::stats::{CounterDelta, DeviceCounters};
+use crate::virtio_net::{MAX_HDR_AND_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
+use crate::{GuestMemory, Vring};
+
+/// Longest descriptor chain accepted (the largest ring a frontend may pick).
+const MAX_CHAIN_SEGMENTS: usize = 1024;
+
+/// Why one descriptor chain was refused. The chain is completed with length 0 so
+/// the guest does not see a descriptor leak; the queue goes on.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor {addr:#x}+{len:#x} lies outside guest memory")]
+    OutsideGuestMemory { addr: u64, len: u32 },
+    #[error("device-writable descriptor in a transmit chain")]
+    WritableInTransmitChain,
+    #[error("device-readable descriptor in a receive chain")]
+    ReadableInReceiveChain,
+    #[error("chain of {0} bytes cannot hold the virtio-net header")]
+    ShorterThanHeader(usize),
+    #[error("chain of more than {max} bytes", max = MAX_HDR_AND_FRAME_LEN)]
+    LongerThanMaxFrame,
+    #[error("chain of more than {MAX_CHAIN_SEGMENTS} descriptors")]
+    TooManyDescriptors,
+}
+
+/// The ring itself is unusable: nothing moves on this queue until the frontend sets
+/// it up again.
+#[derive(Debug, Error)]
+pub enum QueueError {
+    #[error("virtqueue {queue}: descriptor table or rings lie outside guest memory")]
+    RingOutsideGuestMemory { queue: u16 },
+    #[error("virtqueue {queue}: ring access failed")]
+    RingAccess {
+        queue: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+}
+
+impl QueueError {
+    pub fn queue(&self) -> u16 {
+        match self {
+            Self::RingOutsideGuestMemory { queue } | Self::RingAccess { queue, .. } => *queue,
+        }
+    }
+}
+
+/// Logs the first of a run of errors, then at most one line a second, so a guest
+/// that keeps sending garbage cannot flood the log.
+struct ErrorLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl ErrorLog {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn error(&mut self, queue: u16, what: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < Self::INTERVAL => self.suppressed += 1,
+            _ => {
+                if self.suppressed > 0 {
+                    log::warn!(
+                        "virtqueue {queue}: {what} ({} similar suppressed)",
+                        self.suppressed
+                    );
+                } else {
+                    log::warn!("virtqueue {queue}: {what}");
+                }
+                self.last = Some(now);
+                self.suppressed = 0;
+            }
+        }
+    }
+}
+
+/// What a pass over the transmit queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxProgress {
+    pub frames: u64,
+    /// The port pushed back; frames wait in the ring until it has room.
+    pub blocked: bool,
+}
+
+/// What a pass over the receive queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RxProgress {
+    pub frames: u64,
+    /// A frame waits for guest buffers.
+    pub starved: bool,
+}
+
+/// Negotiated link parameters the datapath needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkParams {
+    pub vnet_hdr_len: usize,
+    pub mergeable_rx: bool,
+}
+
+fn queue_usable(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
+}
+
+/// Guest → host.
+pub struct TxVirtio {
+    queue: u16,
+    counters: Arc<DeviceCounters>,
+    segments: Vec<(GuestAddress, u32)>,
+    errors: ErrorLog,
+}
+
+impl TxVirtio {
+    pub fn new(queue: u16, counters: Arc<DeviceCounters>) -> Self {
+        Self {
+            queue,
+            counters,
+            segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            errors: ErrorLog::new(),
+        }
+    }
+
+    /// Collect the readable descriptors of `chain`; returns the chain's length.
+    fn gather(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+        hdr_len: usize,
+    ) -> Result<usize, ChainError> {
+        self.segments.clear();
+        let mut len = 0usize;
+        for desc in chain {
+            if desc.is_write_only() {
+                return Err(ChainError::WritableInTransmitChain);
+            }
+            if self.segments.len() == MAX_CHAIN_SEGMENTS {
+                return Err(ChainError::TooManyDescriptors);
+            }
+            len += desc.len() as usize;
+            if len > MAX_HDR_AND_FRAME_LEN {
+                return Err(ChainError::LongerThanMaxFrame);
+            }
+            if !mem.check_range(desc.addr(), desc.len() as usize) {
+                return Err(ChainError::OutsideGuestMemory {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            self.segments.push((desc.addr(), desc.len()));
+        }
+        if len < hdr_len {
+            return Err(ChainError::ShorterThanHeader(len));
+        }
+        Ok(len)
+    }
+
+    /// Hand every available frame to `port`, until the ring is empty or the port is busy.
+    pub fn process(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemory,
+        port: &mut dyn Port,
+        link: LinkParams,
+    ) -> Result<TxProgress, QueueError> {
+        if !queue_usable(vring) {
+            return Ok(TxProgress::default());
+        }
+        let queue_index = self.queue;
+        let ring_error = |source| QueueError::RingAccess {
+            queue: queue_index,
+            source,
+        };
+        let mut state = vring.get_mut();
+        let queue: &mut Queue = state.get_queue_mut();
+        if !queue.is_valid(mem) {
+            return Err(QueueError::RingOutsideGuestMemory { queue: queue_index });
+        }
+        let mut delta = CounterDelta::default();
+        let mut progress = TxProgress::default();
+        let mut completed = false;
+        // With EVENT_IDX the guest kicks only when it passes `avail_event`, so after
+        // re-arming notifications look again: a frame added in between would
+        // otherwise wait for the next kick.
+        'ring: loop {
+            queue.disable_notification(mem).map_err(ring_error)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                match self.gather(chain, mem, link.vnet_hdr_len) {
+                    Ok(len) => {
+                        let frame = GuestFrame {
+                            mem,
+                            segments: &self.segments,
+                            len,
+                        };
+                        match port.transmit(&frame) {
+                            Ok(TxOutcome::Sent) => {
+                                delta.packets += 1;
+                                delta.bytes += (len - link.vnet_hdr_len) as u64;
+                            }
+                            Ok(TxOutcome::Dropped) => delta.drops += 1,
+                            Ok(TxOutcome::Busy) => {
+                                // Leave the chain in the ring; it is offered again later.
+                                queue.go_to_previous_position();
+                                progress.blocked = true;
+                                break 'ring;
+                            }
+                            Err(e) => {
+                                delta.drops += 1;
+                                self.errors.error(self.queue, &format!("host port: {e}"));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        delta.errors += 1;
+                        self.errors.error(self.queue, &e);
+                    }
+                }
+                queue.add_used(mem, head, 0).map_err(ring_error)?;
+                completed = true;
+            }
+            if !queue.enable_notification(mem).map_err(ring_error)? {
+                break;
+            }
+        }
+        progress.frames = delta.packets;
+        let notify = completed && queue.needs_notification(mem).map_err(ring_error)?;
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                self.errors
+                    .error(self.queue, &format!("cannot signal the guest: {e}"));
+            }
+        }
+        self.counters.queue(self.queue as usize).add(&delta);
+        Ok(progress)
+    }
+}
+
+/// A receive chain taken for the frame being placed.
+#[derive(Clone, Copy, Debug)]
+struct TakenChain {
+    head: u16,
+    /// One past this chain's last entry in `RxVirtio::segments`.
+    segments_end: usize,
+}
+
+/// What became of one frame offered to the receive queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    Delivered,
+    /// Not enough guest buffers now (the `usize` available were too few); the frame waits.
+    NoBuffers(usize),
+    /// No buffer the guest can post will ever hold it; the frame is dropped.
+    NeverFits,
+}
+
+/// Host → guest.
+pub struct RxVirtio {
+    queue: u16,
+    counters: Arc<DeviceCounters>,
+    segments: Vec<(GuestAddress, u32)>,
+    chains: Vec<TakenChain>,
+    errors: ErrorLog,
+}
+
+impl RxVirtio {
+    pub fn new(queue: u16, counters: Arc<DeviceCounters>) -> Self {
+        Self {
+            queue,
+            counters,
+            segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            chains: Vec::with_capacity(64),
+            errors: ErrorLog::new(),
+        }
+    }
+
+    /// Append the writable descriptors of `chain` to `segments`; returns their capacity.
+    fn take_writable(
+        &mut self,
+        chain: DescriptorChain<&GuestMemory>,
+        mem: &GuestMemory,
+    ) -> Result<usize, ChainError> {
+        let mut capacity = 0usize;
+        for desc in chain {
+            if !desc.is_write_only() {
+                return Err(ChainError::ReadableInReceiveChain);
+            }
+            if self.segments.len() == MAX_CHAIN_SEGMENTS {
+                return Err(ChainError::TooManyDescriptors);
+            }
+            if !mem.check_range(desc.addr(), desc.len() as usize) {
+                return Err(ChainError::OutsideGuestMemory {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+            capacity += desc.len() as usize;
+            self.segments.push((desc.addr(), desc.len()));
+        }
+        Ok(capacity)
+    }
+
+    /// Put the chains taken so far back into the ring, newest first.
+    fn give_back(&mut self, queue: &mut Queue) {
+        for _ in 0..self.chains.len() {
+            queue.go_to_previous_position();
+        }
+        self.chains.clear();
+        self.segments.clear();
+    }
+
+    /// Copy `frame` (virtio-net header first) into as many guest buffers as it needs.
+    fn place(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        frame: &mut [u8],
+        link: LinkParams,
+        delta: &mut CounterDelta,
+    ) -> Result<Placement, virtio_queue::Error> {
+        self.chains.clear();
+        self.segments.clear();
+        let need = frame.len();
+        let mut capacity = 0usize;
+        while capacity < need {
+            let one_buffer_only = !link.mergeable_rx && !self.chains.is_empty();
+            if one_buffer_only || self.chains.len() == queue.size() as usize {
+                self.give_back(queue);
+                return Ok(Placement::NeverFits);
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                let available = self.chains.len();
+                self.give_back(queue);
+                return Ok(Placement::NoBuffers(available));
+            };
+            let head = chain.head_index();
+            let first_segment = self.segments.len();
+            match self.take_writable(chain, mem) {
+                Ok(chain_capacity) => {
+                    self.chains.push(TakenChain {
+                        head,
+                        segments_end: self.segments.len(),
+                    });
+                    capacity += chain_capacity;
+                }
+                Err(e) => {
+                    // The ring cannot be rewound past a chain that is completed, so the
+                    // buffers taken before the bad one go back empty, then the bad one.
+                    // Guests drop used buffers shorter than a header.
+                    self.segments.truncate(first_segment);
+                    for taken in self.chains.drain(..) {
+                        queue.add_used(mem, taken.head, 0)?;
+                    }
+                    self.segments.clear();
+                    capacity = 0;
+                    queue.add_used(mem, head, 0)?;
+                    delta.errors += 1;
+                    self.errors.error(self.queue, &e);
+                }
+            }
+        }
+
+        if link.vnet_hdr_len == VNET_HDR_LEN_V1 {
+            let num_buffers = self.chains.len() as u16;
+            frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
+                .copy_from_slice(&num_buffers.to_le_bytes());
+        }
+        let mut offset = 0usize;
+        let mut segment = 0usize;
+        for taken in &self.chains {
+            let mut written = 0usize;
+            while segment < taken.segments_end && offset < need {
+                let (addr, len) = self.segments[segment];
+                let n = (len as usize).min(need - offset);
+                // In range: checked when the chain was taken, under the same memory guard.
+                mem.write_slice(&frame[offset..offset + n], addr)
+                    .map_err(virtio_queue::Error::GuestMemory)?;
+                offset += n;
+                written += n;
+                segment += 1;
+            }
+            segment = taken.segments_end;
+            queue.add_used(mem, taken.head, written as u32)?;
+        }
+        Ok(Placement::Delivered)
+    }
+
+    /// Deliver frames from `port` until it has none or the guest has no buffers.
+    pub fn process(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemory,
+        port: &mut dyn Port,
+        link: LinkParams,
+    ) -> Result<RxProgress, QueueError> {
+        if !queue_usable(vring) {
+            return Ok(RxProgress::default());
+        }
+        let queue_index = self.queue;
+        let ring_error = |source| QueueError::RingAccess {
+            queue: queue_index,
+            source,
+        };
+        let mut state = vring.get_mut();
+        let queue: &mut Queue = state.get_queue_mut();
+        if !queue.is_valid(mem) {
+            return Err(QueueError::RingOutsideGuestMemory { queue: queue_index });
+        }
+        let used_before = queue.next_used();
+        let mut delta = CounterDelta::default();
+        let mut progress = RxProgress::default();
+        loop {
+            let frame = match port.peek_rx() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    delta.drops += 1;
+                    self.errors.error(self.queue, &format!("host port: {e}"));
+                    break;
+                }
+            };
+            let len = frame.len();
+            match self
+                .place(queue, mem, frame, link, &mut delta)
+                .map_err(ring_error)?
+            {
+                Placement::Delivered => {
+                    port.consume_rx();
+                    delta.packets += 1;
+                    delta.bytes += (len - link.vnet_hdr_len) as u64;
+                }
+                Placement::NeverFits => {
+                    port.consume_rx();
+                    delta.drops += 1;
+                }
+                Placement::NoBuffers(available) => {
+                    // Ask for a kick when buffers arrive; if some came in meanwhile, go on.
+                    queue.enable_notification(mem).map_err(ring_error)?;
+                    let avail = queue
+                        .avail_idx(mem, Ordering::Acquire)
+                        .map_err(ring_error)?;
+                    if (avail - Wrapping(queue.next_avail())).0 as usize > available {
+                        continue;
+                    }
+                    progress.starved = true;
+                    break;
+                }
+            }
+        }
+        if !progress.starved {
+            // Buffers to spare: no need for a kick each time the guest adds more.
+            queue.disable_notification(mem).map_err(ring_error)?;
+        }
+        progress.frames = delta.packets;
+        let completed = queue.next_used() != used_before;
+        let notify = completed && queue.needs_notification(mem).map_err(ring_error)?;
+        if notify {
+            if let Err(e) = state.signal_used_queue() {
+                self.errors
+                    .error(self.queue, &format!("cannot signal the guest: {e}"));
+            }
+        }
+        self.counters.queue(self.queue as usize).add(&delta);
+        Ok(progress)
+    }
+}
+
+/// The worker state of one queue pair.
+pub struct QueuePair {
+    tx: TxVirtio,
+    rx: RxVirtio,
+    port: SharedPort,
+    errors: ErrorLog,
+}
+
+impl QueuePair {
+    pub fn new(pair: u16, port: SharedPort, counters: Arc<DeviceCounters>) -> Self {
+        Self {
+            rx: RxVirtio::new(2 * pair, Arc::clone(&counters)),
+            tx: TxVirtio::new(2 * pair + 1, counters),
+            port,
+            errors: ErrorLog::new(),
+        }
+    }
+
+    /// Move frames both ways until nothing moves. Called for every kick and every
+    /// port wake-up: a pass over an idle queue costs one read of its avail index.
+    pub fn pump(
+        &mut self,
+        rx_vring: &Vring,
+        tx_vring: &Vring,
+        mem: &GuestMemory,
+        link: LinkParams,
+    ) {
+        let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let tx = match self.tx.process(tx_vring, mem, port.as_mut(), link) {
+                Ok(progress) => progress,
+                Err(e) => {
+                    self.errors.error(e.queue(), &e);
+                    TxProgress::default()
+                }
+            };
+            let rx = match self.rx.process(rx_vring, mem, port.as_mut(), link) {
+                Ok(progress) => progress,
+                Err(e) => {
+                    self.errors.error(e.queue(), &e);
+                    RxProgress::default()
+                }
+            };
+            // A loop port that filled up stopped the transmit side; the receive side
+            // just made room, so transmit again.
+            if !(tx.blocked && rx.frames > 0) {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,415 @@
+//! The device's life: listen (or connect), serve one frontend, start over.
+//!
+//! Each connection gets a fresh `VhostUserNet` and `VhostUserDaemon`, so nothing a
+//! previous frontend negotiated or mapped leaks into the next one; ports, counters
+//! and the event log belong to the device and carry over.
+
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use thiserror::Error;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::announce::rarp_frame;
+use crate::config::{BackendConfig, ConfigError};
+use crate::port::{open_ports, HostWriter, OpenPortError, SharedPort};
+use crate::stats::{DeviceCounters, QueueStats};
+use crate::status::{ConnectionState, DeviceEvent, DeviceStatus, Negotiation, TimedEvent};
+use crate::vhu_net::{DeviceOffer, VhostUserNet};
+use crate::virtio_net::{protocol_features, BASE_FEATURES, F_MQ};
+
+/// How often client mode retries a frontend socket that is not there yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("invalid configuration")]
+    InvalidConfig(#[from] ConfigError),
+    #[error("cannot open the host port")]
+    OpenPort(#[from] OpenPortError),
+    #[error("socket {path}: another backend is already listening there")]
+    SocketInUse { path: String },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: String,
+        #[source]
+        source: VhostUserError,
+    },
+    #[error("cannot create the stop event")]
+    StopEvent(#[source] io::Error),
+    #[error("cannot start the connection thread")]
+    SpawnThread(#[source] io::Error),
+    #[error("already started")]
+    AlreadyStarted,
+    #[error("the host port cannot send announcements (port {port})")]
+    CannotAnnounce { port: String },
+    #[error("cannot send an announcement on {interface}")]
+    Announce {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What the connection thread and any reader share.
+struct Shared {
+    config: BackendConfig,
+    offer: DeviceOffer,
+    ports: Vec<SharedPort>,
+    host_writer: Option<HostWriter>,
+    counters: Arc<DeviceCounters>,
+    status: Arc<DeviceStatus>,
+    stopping: AtomicBool,
+    stop_event: EventFd,
+    /// Ends the current connection from outside (stop).
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+/// A cheap handle to read a running device and act on it.
+#[derive(Clone)]
+pub struct DeviceHandle {
+    shared: Arc<Shared>,
+}
+
+impl DeviceHandle {
+    pub fn state(&self) -> ConnectionState {
+        self.shared.status.state()
+    }
+
+    pub fn negotiation(&self) -> Negotiation {
+        self.shared.status.negotiation()
+    }
+
+    pub fn stats(&self) -> Vec<QueueStats> {
+        self.shared.counters.snapshot()
+    }
+
+    pub fn config(&self) -> &BackendConfig {
+        &self.shared.config
+    }
+
+    /// Events from sequence number `from` on; waits up to `timeout` for the first one.
+    pub fn events_since(&self, from: u64, timeout: Duration) -> (Vec<TimedEvent>, u64) {
+        self.shared.status.events_since(from, timeout)
+    }
+
+    pub fn wait_state(
+        &self,
+        timeout: Duration,
+        done: impl Fn(ConnectionState) -> bool,
+    ) -> ConnectionState {
+        self.shared.status.wait_state(timeout, done)
+    }
+
+    /// Send `count` announcements of the guest's MAC on the host side.
+    pub fn announce(&self, count: u32) -> Result<u32, ServerError> {
+        let writer =
+            self.shared
+                .host_writer
+                .as_ref()
+                .ok_or_else(|| ServerError::CannotAnnounce {
+                    port: self.shared.config.port.to_string(),
+                })?;
+        let frame = rarp_frame(self.shared.config.mac);
+        for _ in 0..count {
+            writer
+                .send(&frame)
+                .map_err(|source| ServerError::Announce {
+                    interface: writer.interface().to_string(),
+                    source,
+                })?;
+        }
+        self.shared
+            .status
+            .push(DeviceEvent::Announced { frames: count });
+        Ok(count)
+    }
+}
+
+/// A standby device serving one vhost-user socket.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: Option<Listener>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Check the configuration and open the host ports; nothing listens yet.
+    pub fn new(config: BackendConfig) -> Result<Self, ServerError> {
+        config.validate()?;
+        let opened = open_ports(&config.port, config.queue_pairs)?;
+        let multi_queue = config.queue_pairs > 1;
+        let mut features = BASE_FEATURES | opened.offload_features;
+        if multi_queue {
+            features |= F_MQ;
+        }
+        let offer = DeviceOffer {
+            queue_pairs: config.queue_pairs,
+            max_queue_size: config.max_queue_size,
+            features,
+            protocol_features: protocol_features(multi_queue),
+        };
+        let status = Arc::new(DeviceStatus::new(
+            offer.features,
+            offer.protocol_features.bits(),
+        ));
+        let shared = Shared {
+            counters: Arc::new(DeviceCounters::new(config.num_queues())),
+            config,
+            offer,
+            ports: opened.ports,
+            host_writer: opened.host_writer,
+            status,
+            stopping: AtomicBool::new(false),
+            stop_event: EventFd::new(EFD_NONBLOCK).map_err(ServerError::StopEvent)?,
+            connection: Mutex::new(None),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            listener: None,
+            thread: None,
+        })
+    }
+
+    pub fn handle(&self) -> DeviceHandle {
+        DeviceHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Start serving. In server mode the socket is bound before this returns, so a
+    /// frontend started right after finds it.
+    pub fn start(&mut self) -> Result<(), ServerError> {
+        if self.thread.is_some() {
+            return Err(ServerError::AlreadyStarted);
+        }
+        let config = &self.shared.config;
+        if !config.client {
+            self.listener = Some(bind(&config.socket_path)?);
+        }
+        let shared = Arc::clone(&self.shared);
+        let listener = self.listener.take();
+        let thread = thread::Builder::new()
+            .name("vhost-user-conn".to_string())
+            .spawn(move || run(&shared, listener))
+            .map_err(ServerError::SpawnThread)?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Close the connection, stop listening, remove the socket. Idempotent.
+    pub fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let _ = self.shared.stop_event.write(1);
+        if let Some(connection) = lock(&self.shared.connection).as_ref() {
+            connection.shutdown();
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("the connection thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bind the socket, refusing to steal it from a live backend.
+fn bind(path: &Path) -> Result<Listener, ServerError> {
+    let display = path.display().to_string();
+    if UnixStream::connect(path).is_ok() {
+        return Err(ServerError::SocketInUse { path: display });
+    }
+    // Whatever is left there is stale.
+    Listener::new(path, true).map_err(|source| ServerError::Listen {
+        path: display,
+        source,
+    })
+}
+
+/// How one connection ended.
+enum Served {
+    Disconnected,
+    Stopped,
+}
+
+fn run(shared: &Shared, mut listener: Option<Listener>) {
+    let status = &shared.status;
+    let mut connection = 0u64;
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            break;
+        }
+        match serve_one(shared, listener.as_mut(), &mut connection) {
+            Ok(Served::Disconnected) => continue,
+            Ok(Served::Stopped) => break,
+            Err(reason) => {
+                status.set_state(ConnectionState::Failed);
+                status.push(DeviceEvent::Failed { reason });
+                return;
+            }
+        }
+    }
+    // Dropping the listener removes the socket file.
+    drop(listener);
+    status.set_state(ConnectionState::Stopped);
+    status.push(DeviceEvent::Stopped);
+}
+
+/// Serve one frontend from connect to disconnect.
+fn serve_one(
+    shared: &Shared,
+    listener: Option<&mut Listener>,
+    connection: &mut u64,
+) -> Result<Served, String> {
+    let status = &shared.status;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(VhostUserNet::new(
+        shared.offer.clone(),
+        mem.clone(),
+        shared.ports.clone(),
+        Arc::clone(&shared.counters),
+        Arc::clone(status),
+    ));
+    let mut daemon = VhostUserDaemon::new("vhost-user-net".to_string(), Arc::clone(&backend), mem)
+        .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+    backend
+        .register_ports(&daemon.get_epoll_handlers())
+        .map_err(|e| format!("cannot watch the host port: {e}"))?;
+
+    let path = shared.config.socket_path.display().to_string();
+    match listener {
+        Some(listener) => {
+            status.set_state(ConnectionState::Listening);
+            status.push(DeviceEvent::Listening { path });
+            if !wait_readable(listener.as_raw_fd(), &shared.stop_event)? {
+                return Ok(Served::Stopped);
+            }
+            daemon.start(listener).map_err(|e| {
+                format!(
+                    "cannot accept on {}: {e}",
+                    shared.config.socket_path.display()
+                )
+            })?;
+        }
+        None => {
+            status.set_state(ConnectionState::Connecting);
+            status.push(DeviceEvent::Connecting { path: path.clone() });
+            loop {
+                match daemon.start_client(&path) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        log::debug!("frontend socket {path} not ready: {e}");
+                        if wait_stop(&shared.stop_event, CONNECT_RETRY) {
+                            return Ok(Served::Stopped);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    *connection += 1;
+    status.update_negotiation(|n| {
+        n.acked_features = None;
+        n.dirty_logging = false;
+        n.connections = *connection;
+    });
+    status.set_state(ConnectionState::Connected);
+    status.push(DeviceEvent::Connected {
+        connection: *connection,
+    });
+    *lock(&shared.connection) = daemon.shutdown_handle();
+    if shared.stopping.load(Ordering::Acquire) {
+        daemon.request_shutdown();
+    }
+
+    let result = daemon.wait();
+    *lock(&shared.connection) = None;
+    let reason = match result {
+        Ok(()) => None,
+        Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => None,
+        // `vhost` closes the connection on any request it refuses; say which.
+        Err(e) => Some(format!("request refused, connection closed: {e}")),
+    };
+    if let Some(reason) = &reason {
+        log::warn!("{reason}");
+    }
+    status.push(DeviceEvent::Disconnected {
+        connection: *connection,
+        reason,
+    });
+    // Joins the workers before the ports are reset under them.
+    drop(daemon);
+    backend.reset_ports();
+    status.update_negotiation(|n| n.dirty_logging = false);
+    Ok(if shared.stopping.load(Ordering::Acquire) {
+        Served::Stopped
+    } else {
+        Served::Disconnected
+    })
+}
+
+/// Wait until `fd` is readable (`true`) or the stop event fires (`false`).
+fn wait_readable(fd: RawFd, stop: &EventFd) -> Result<bool, String> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("cannot wait for a frontend: {err}"));
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Sleep up to `timeout`; `true` if the stop event fired.
+fn wait_stop(stop: &EventFd, timeout: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: stop.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ret = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+    ret > 0
+}

@@ -1,0 +1,238 @@
+//! The vhost-user virtio-net device: what `vhost-user-backend` calls into.
+//!
+//! One instance lives for one frontend connection. Each queue pair has its own
+//! worker thread (`queues_per_thread`), which sees its two vrings as events
+//! [`RX_QUEUE_EVENT`] and [`TX_QUEUE_EVENT`], and its port as [`port_event`].
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::dirty_log::{self, DirtyLog};
+use crate::port::SharedPort;
+use crate::queue_pair::{LinkParams, QueuePair};
+use crate::stats::DeviceCounters;
+use crate::status::{DeviceEvent, DeviceStatus};
+use crate::virtio_net::{vnet_hdr_len, F_LOG_ALL, F_MRG_RXBUF};
+use crate::{GuestMemory, Vring};
+
+/// A worker's receive queue (guest buffers posted): the first of its two vrings.
+pub const RX_QUEUE_EVENT: u16 = 0;
+/// A worker's transmit queue (guest frames sent): the second of its two vrings.
+pub const TX_QUEUE_EVENT: u16 = 1;
+
+/// The port's event id. `vhost-user-backend` reserves ids up to `num_queues` for
+/// vrings and its own exit event, so backend events start after that.
+pub fn port_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
+}
+
+/// What the device offers, fixed for its lifetime.
+#[derive(Clone, Debug)]
+pub struct DeviceOffer {
+    pub queue_pairs: u16,
+    pub max_queue_size: u16,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+}
+
+pub struct VhostUserNet {
+    offer: DeviceOffer,
+    mem: GuestMemoryAtomic<GuestMemory>,
+    pairs: Vec<Mutex<QueuePair>>,
+    ports: Vec<SharedPort>,
+    status: Arc<DeviceStatus>,
+    /// Features acked on this connection, `0` before SET_FEATURES.
+    acked_features: AtomicU64,
+    dirty_logging: AtomicBool,
+}
+
+impl VhostUserNet {
+    pub fn new(
+        offer: DeviceOffer,
+        mem: GuestMemoryAtomic<GuestMemory>,
+        ports: Vec<SharedPort>,
+        counters: Arc<DeviceCounters>,
+        status: Arc<DeviceStatus>,
+    ) -> Self {
+        let pairs = ports
+            .iter()
+            .enumerate()
+            .map(|(pair, port)| {
+                Mutex::new(QueuePair::new(
+                    pair as u16,
+                    Arc::clone(port),
+                    Arc::clone(&counters),
+                ))
+            })
+            .collect();
+        Self {
+            offer,
+            mem,
+            pairs,
+            ports,
+            status,
+            acked_features: AtomicU64::new(0),
+            dirty_logging: AtomicBool::new(false),
+        }
+    }
+
+    fn num_queues(&self) -> usize {
+        2 * self.offer.queue_pairs as usize
+    }
+
+    fn link_params(&self) -> LinkParams {
+        let acked = self.acked_features.load(Ordering::Acquire);
+        LinkParams {
+            vnet_hdr_len: vnet_hdr_len(acked),
+            mergeable_rx: acked & F_MRG_RXBUF != 0,
+        }
+    }
+
+    /// Watch each port's descriptor from its pair's worker.
+    pub fn register_ports(&self, handlers: &[Arc<VringEpollHandler<Arc<Self>>>]) -> io::Result<()> {
+        let event = u64::from(port_event(self.num_queues()));
+        for (port, handler) in self.ports.iter().zip(handlers) {
+            let fd = port.lock().unwrap_or_else(|e| e.into_inner()).rx_fd();
+            if let Some(fd) = fd {
+                // Edge-triggered: the worker reads until the port is empty or the guest
+                // has no buffers; in the second case the guest's kick resumes it.
+                handler.register_listener(fd, EventSet::IN | EventSet::EDGE_TRIGGERED, event)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget per-connection port state.
+    pub fn reset_ports(&self) {
+        for port in &self.ports {
+            port.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserNet {
+    type Bitmap = DirtyLog;
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        VhostUserNet::num_queues(self)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.offer.max_queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        self.offer.features
+    }
+
+    fn acked_features(&self, features: u64) {
+        let previous = self.acked_features.swap(features, Ordering::AcqRel);
+
+        let hdr_len = vnet_hdr_len(features);
+        for port in &self.ports {
+            let mut port = port.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = port.configure(hdr_len, features) {
+                log::error!("cannot configure the host port for the negotiated features: {e}");
+            }
+        }
+
+        // QEMU toggles VHOST_F_LOG_ALL with a new SET_FEATURES at the start and end
+        // of a migration; only a change of the other bits is a new negotiation.
+        if previous & !F_LOG_ALL != features & !F_LOG_ALL {
+            self.status.push(DeviceEvent::FeaturesAcked { features });
+        }
+        let logging = features & F_LOG_ALL != 0;
+        dirty_log::set_logging(&self.mem.memory(), logging);
+        if self.dirty_logging.swap(logging, Ordering::AcqRel) != logging {
+            self.status.push(DeviceEvent::DirtyLogging { on: logging });
+        }
+        self.status.update_negotiation(|n| {
+            n.acked_features = Some(features);
+            n.dirty_logging = logging;
+        });
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.offer.protocol_features
+    }
+
+    fn reset_device(&self) {
+        self.acked_features.store(0, Ordering::Release);
+        self.reset_ports();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The vrings apply EVENT_IDX themselves; the datapath just follows the queue.
+    }
+
+    fn update_memory(&self, atomic_mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        let mem = atomic_mem.memory();
+        // Regions mapped during a migration must be logged from the start.
+        dirty_log::set_logging(&mem, self.dirty_logging.load(Ordering::Acquire));
+        let bytes = mem.iter().map(|region| region.len()).sum();
+        self.status.push(DeviceEvent::MemoryMapped {
+            regions: mem.num_regions(),
+            bytes,
+        });
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per queue pair: queues 2n (rx) and 2n + 1 (tx).
+        (0..self.offer.queue_pairs)
+            .map(|pair| 0b11u64 << (2 * pair))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                log::error!("cannot create a worker exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let known = device_event == RX_QUEUE_EVENT
+            || device_event == TX_QUEUE_EVENT
+            || device_event == port_event(VhostUserNet::num_queues(self));
+        let (Some(pair), [rx_vring, tx_vring]) = (self.pairs.get(thread_id), vrings) else {
+            return Err(io::Error::other(format!(
+                "worker {thread_id} has no queue pair with {} vrings",
+                vrings.len()
+            )));
+        };
+        if !known {
+            return Err(io::Error::other(format!(
+                "unknown device event {device_event}"
+            )));
+        }
+        // Whatever woke us, the same pass serves both directions.
+        let mem = self.mem.memory();
+        pair.lock().unwrap_or_else(|e| e.into_inner()).pump(
+            rx_vring,
+            tx_vring,
+            &mem,
+            self.link_params(),
+        );
+        Ok(())
+    }
+}

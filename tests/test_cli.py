@@ -1,0 +1,119 @@
+"""``python -m failover_backend serve`` as users run it: a subprocess, signals, exit codes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from testpmd import Testpmd, virtio_user_vdev, wait_for
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "failover_backend", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "failover_backend", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--port", "udp:1.2.3.4"], "--port"),
+        (["--port", "tap:"], "--port"),
+        (["--queues", "0"], "--queues"),
+        (["--queues", "two"], "--queues"),
+        (["--mac", "01:00:5e:00:00:01"], "--mac"),
+        (["--mac", "52:54:00:12:34"], "--mac"),
+        (["--queue-size", "1000"], "--queue-size"),
+        (["--mtu", "20"], "--mtu"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_argument(
+    sockdir: Path, args: list[str], named: str
+) -> None:
+    result = run_cli("serve", "--socket", str(sockdir / "s.sock"), *args)
+    assert result.returncode == 2, result
+    assert f"argument {named}" in result.stderr
+    assert not (sockdir / "s.sock").exists()
+
+
+def test_missing_socket_argument_exits_2() -> None:
+    result = run_cli("serve")
+    assert result.returncode == 2
+    assert "--socket" in result.stderr
+
+
+def test_runtime_failure_exits_1_with_the_cause(sockdir: Path) -> None:
+    result = run_cli("serve", "--socket", str(sockdir / "no-such-dir" / "s.sock"))
+    assert result.returncode == 1, result
+    assert "error: cannot listen on" in result.stderr
+    assert "No such file or directory" in result.stderr
+
+
+def test_a_second_backend_on_a_live_socket_is_refused(sockdir: Path) -> None:
+    socket = sockdir / "s.sock"
+    first = start_serve("--socket", str(socket))
+    try:
+        wait_for(socket.exists, 15, "the first backend's socket")
+        second = run_cli("serve", "--socket", str(socket))
+        assert second.returncode == 1
+        assert "another backend is already listening" in second.stderr
+        assert first.poll() is None, "the first backend must keep serving"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=15)
+    assert first.returncode == 0
+
+
+@pytest.mark.dpdk
+def test_serve_carries_traffic_and_stops_cleanly_on_sigterm(
+    sockdir: Path, testpmd_binary: str
+) -> None:
+    socket = sockdir / "s.sock"
+    serve = start_serve("--socket", str(socket), "--port", "loop", "--mac", "52:54:00:AA:BB:CC")
+    try:
+        wait_for(socket.exists, 15, "the backend's socket")
+        vdev = virtio_user_vdev(str(socket))
+        with Testpmd(testpmd_binary, [vdev], ["--forward-mode=rxonly", "--nb-cores=1"]) as pmd:
+            pmd.cmd("start tx_first 2")
+            wait_for(lambda: pmd.port_stats(0)["RX-packets"] == 64, 15, "64 frames back")
+            pmd.cmd("stop")
+            stats = pmd.port_stats(0)
+            pmd.quit()
+        assert stats["TX-packets"] == stats["RX-packets"] == 64
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=15)
+
+    assert serve.returncode == 0, err
+    assert out.splitlines()[0] == (
+        f"QEMU arguments: -chardev socket,id=chr-standby0,path={socket} "
+        "-netdev vhost-user,id=standby0,chardev=chr-standby0 "
+        "-device virtio-net-pci,netdev=standby0,id=standby0,mac=52:54:00:aa:bb:cc,failover=on"
+    )
+    counters = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert counters["rx0"][0] == counters["tx0"][0] == "64"
+    for expected in (
+        f"listening on {socket}",
+        "frontend connected (connection 1)",
+        "features negotiated",
+        "guest memory mapped",
+        "frontend disconnected (connection 1)",
+        "stopped",
+    ):
+        assert expected in err
+    assert not socket.exists(), "the socket must be removed at exit"
