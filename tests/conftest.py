@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
 from failover_backend import StandbyBackend
 from tools import require_tool
 

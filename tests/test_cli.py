@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from testpmd import Testpmd, virtio_user_vdev, wait_for
 
 

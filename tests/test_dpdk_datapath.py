@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import BackendFactory
 from failover_backend import StandbyBackend, _native
 from pcap import numbered_frames, read_pcap, write_pcap
@@ -195,3 +196,22 @@ def test_traffic_flows_again_after_the_frontend_reconnects(
 
     kinds = [e.kind for e in backend.events() if e.kind in ("connected", "disconnected")]
     assert kinds == ["connected", "disconnected", "connected", "disconnected"]
+
+
+def test_client_mode_waits_for_the_frontend_socket_and_reconnects(
+    testpmd_binary: str, make_backend: BackendFactory
+) -> None:
+    # The backend starts first and retries until testpmd listens (virtio-user server=1).
+    backend = make_backend(port="loop", client=True)
+    asyncio.run(backend.wait_state(["connecting"], 5))
+    for connection in (1, 2):
+        vdev = virtio_user_vdev(backend.socket_path, server=1)
+        with Testpmd(testpmd_binary, [vdev], ["--forward-mode=rxonly", "--nb-cores=1"]) as pmd:
+            wait_negotiated(backend)
+            assert backend.features.connections == connection
+            pmd.cmd("start tx_first 2")
+            wait_for(lambda: pmd.port_stats(0)["RX-packets"] == 64, 15, "64 frames back")
+            pmd.quit()
+        asyncio.run(backend.wait_state(["connecting"], 10))
+    stats = backend.stats()
+    assert (stats.tx_packets, stats.rx_packets) == (128, 128)

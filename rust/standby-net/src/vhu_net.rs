@@ -53,6 +53,9 @@ pub struct VhostUserNet {
     /// Features acked on this connection, `0` before SET_FEATURES.
     acked_features: AtomicU64,
     dirty_logging: AtomicBool,
+    /// The frontend handed over memory the device must not touch; the connection is
+    /// being closed and the workers stay away from guest memory until it is.
+    broken: AtomicBool,
 }
 
 impl VhostUserNet {
@@ -82,6 +85,7 @@ impl VhostUserNet {
             status,
             acked_features: AtomicU64::new(0),
             dirty_logging: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -117,6 +121,31 @@ impl VhostUserNet {
             port.lock().unwrap_or_else(|e| e.into_inner()).reset();
         }
     }
+}
+
+/// Every region must lie inside its file: a mapping past the end of a memfd maps,
+/// but the first access there kills the process with SIGBUS.
+fn check_backing(mem: &GuestMemory) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(file_offset) = region.file_offset() else {
+            continue;
+        };
+        let file_len = file_offset.file().metadata()?.len();
+        let end = file_offset.start().checked_add(region.len());
+        if end.is_none_or(|end| end > file_len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "memory region at guest address {:#x} ({:#x} bytes at file offset {:#x}) \
+                     extends past the end of its file ({file_len:#x} bytes)",
+                    region.start_addr().0,
+                    region.len(),
+                    file_offset.start()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl VhostUserBackend for VhostUserNet {
@@ -177,6 +206,12 @@ impl VhostUserBackend for VhostUserNet {
 
     fn update_memory(&self, atomic_mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         let mem = atomic_mem.memory();
+        // `vhost-user-backend` has already published the new table; refusing it here
+        // closes the connection, and until then the workers keep off guest memory.
+        if let Err(e) = check_backing(&mem) {
+            self.broken.store(true, Ordering::Release);
+            return Err(e);
+        }
         // Regions mapped during a migration must be logged from the start.
         dirty_log::set_logging(&mem, self.dirty_logging.load(Ordering::Acquire));
         let bytes = mem.iter().map(|region| region.len()).sum();
@@ -224,6 +259,9 @@ impl VhostUserBackend for VhostUserNet {
             return Err(io::Error::other(format!(
                 "unknown device event {device_event}"
             )));
+        }
+        if self.broken.load(Ordering::Acquire) {
+            return Ok(());
         }
         // Whatever woke us, the same pass serves both directions.
         let mem = self.mem.memory();

@@ -1,0 +1,307 @@
+//! Dirty-page logging over a real vhost-user connection.
+//!
+//! The frontend here is `vhost`'s own `Frontend`, so the messages are the ones QEMU
+//! sends during a migration: SET_LOG_BASE with a shared log, then SET_FEATURES with
+//! VHOST_F_LOG_ALL, and SET_FEATURES without it at the end. Guest memory and the log
+//! are memfds both sides map. Every kind of write the device makes is checked:
+//! virtio-net header, frame payload, and the used rings of both queues.
+
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use standby_net::virtio_net::{F_LOG_ALL, F_MRG_RXBUF, F_PROTOCOL_FEATURES, F_VERSION_1};
+use standby_net::{BackendConfig, PortSpec, Server};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 1 << 20;
+const PAGE: u64 = 4096;
+const LOG_SIZE: usize = 4096; // one bit per page: far more than 1 MiB needs
+const QUEUE_SIZE: u16 = 16;
+
+/// Ring placement: every ring on its own page, so the log shows who wrote what.
+struct RingPages {
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+const RX: RingPages = RingPages {
+    desc: 0x1000,
+    avail: 0x2000,
+    used: 0x3000,
+};
+const TX: RingPages = RingPages {
+    desc: 0x5000,
+    avail: 0x6000,
+    used: 0x7000,
+};
+
+fn memfd(name: &str, size: usize) -> File {
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: plain memfd_create(2); the descriptor is owned right below.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    file
+}
+
+/// The frontend's side: guest memory, the log, the rings, the eventfds.
+struct Guest {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    log: GuestMemoryMmap,
+    log_file: File,
+    kicks: [EventFd; 2],
+    _calls: [EventFd; 2],
+    next_desc: [u16; 2],
+}
+
+impl Guest {
+    fn connect(socket: &PathBuf) -> Self {
+        let mem_file = memfd("guest-ram", MEM_SIZE);
+        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(mem_file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let log_file = memfd("dirty-log", LOG_SIZE);
+        let log = GuestMemoryMmap::from_ranges_with_files(&[(
+            GuestAddress(0),
+            LOG_SIZE,
+            Some(FileOffset::new(log_file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+
+        let mut frontend = Frontend::connect(socket, 2).unwrap();
+        frontend.set_owner().unwrap();
+        let offered = frontend.get_features().unwrap();
+        assert_ne!(offered & F_LOG_ALL, 0, "LOG_ALL must be offered");
+        let protocol = frontend.get_protocol_features().unwrap();
+        assert!(protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        frontend
+            .set_protocol_features(
+                VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
+            )
+            .unwrap();
+        frontend.set_features(Self::FEATURES).unwrap();
+
+        let user_addr = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        frontend
+            .set_mem_table(&[VhostUserMemoryRegionInfo {
+                guest_phys_addr: 0,
+                memory_size: MEM_SIZE as u64,
+                userspace_addr: user_addr,
+                mmap_offset: 0,
+                mmap_handle: mem_file.as_raw_fd(),
+            }])
+            .unwrap();
+
+        let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+        for (queue, ring) in [RX, TX].iter().enumerate() {
+            frontend.set_vring_num(queue, QUEUE_SIZE).unwrap();
+            frontend
+                .set_vring_addr(
+                    queue,
+                    &VringConfigData {
+                        queue_max_size: QUEUE_SIZE,
+                        queue_size: QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: user_addr + ring.desc,
+                        used_ring_addr: user_addr + ring.used,
+                        avail_ring_addr: user_addr + ring.avail,
+                        log_addr: None,
+                    },
+                )
+                .unwrap();
+            frontend.set_vring_base(queue, 0).unwrap();
+            frontend.set_vring_call(queue, &calls[queue]).unwrap();
+            frontend.set_vring_kick(queue, &kicks[queue]).unwrap();
+            frontend.set_vring_enable(queue, true).unwrap();
+        }
+        Self {
+            frontend,
+            mem,
+            log,
+            log_file,
+            kicks,
+            _calls: calls,
+            next_desc: [0, 0],
+        }
+    }
+
+    const FEATURES: u64 = F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES;
+
+    fn start_logging(&mut self) {
+        self.frontend
+            .set_log_base(
+                0,
+                Some(VhostUserDirtyLogRegion {
+                    mmap_size: LOG_SIZE as u64,
+                    mmap_offset: 0,
+                    mmap_handle: self.log_file.as_raw_fd(),
+                }),
+            )
+            .unwrap();
+        self.frontend
+            .set_features(Self::FEATURES | F_LOG_ALL)
+            .unwrap();
+    }
+
+    fn stop_logging(&mut self) {
+        self.frontend.set_features(Self::FEATURES).unwrap();
+    }
+
+    /// Add a chain of `(addr, len, device_writable)` buffers to queue `queue`.
+    fn add_chain(&mut self, queue: usize, buffers: &[(u64, u32, bool)]) {
+        let ring = [RX, TX].into_iter().nth(queue).unwrap();
+        let first = self.next_desc[queue];
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
+            let index = u64::from(first) + i as u64;
+            let last = i + 1 == buffers.len();
+            let flags: u16 = (if writable { 2 } else { 0 }) | (if last { 0 } else { 1 });
+            let next: u16 = if last { 0 } else { first + i as u16 + 1 };
+            let desc = ring.desc + 16 * index;
+            self.mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            self.mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(desc + 14)).unwrap();
+        }
+        self.next_desc[queue] += buffers.len() as u16;
+        let idx: u16 = self.mem.read_obj(GuestAddress(ring.avail + 2)).unwrap();
+        let slot = u64::from(idx % QUEUE_SIZE);
+        self.mem
+            .write_obj(first, GuestAddress(ring.avail + 4 + 2 * slot))
+            .unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(ring.avail + 2))
+            .unwrap();
+    }
+
+    fn kick(&self, queue: usize) {
+        self.kicks[queue].write(1).unwrap();
+    }
+
+    fn used_idx(&self, queue: usize) -> u16 {
+        let ring = [RX, TX].into_iter().nth(queue).unwrap();
+        self.mem.read_obj(GuestAddress(ring.used + 2)).unwrap()
+    }
+
+    fn wait_used(&self, queue: usize, count: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.used_idx(queue) != count {
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue}: used idx stuck at {}",
+                self.used_idx(queue)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn dirty_pages(&self) -> Vec<u64> {
+        let mut bitmap = vec![0u8; LOG_SIZE];
+        self.log.read_slice(&mut bitmap, GuestAddress(0)).unwrap();
+        (0..(MEM_SIZE as u64 / PAGE))
+            .filter(|page| bitmap[(page / 8) as usize] & (1 << (page % 8)) != 0)
+            .collect()
+    }
+
+    fn clear_log(&self) {
+        self.log
+            .write_slice(&[0u8; LOG_SIZE], GuestAddress(0))
+            .unwrap();
+    }
+
+    /// Send a 60-byte frame from `tx_page` and receive it into a header buffer on
+    /// `rx_header_page` and a payload buffer on `rx_payload_page`.
+    fn loop_one_frame(
+        &mut self,
+        tx_page: u64,
+        rx_header_page: u64,
+        rx_payload_page: u64,
+        round: u16,
+    ) {
+        let mut frame = vec![0u8; 12];
+        frame.extend((0..60).map(|i| i as u8 ^ 0x5a));
+        self.mem
+            .write_slice(&frame, GuestAddress(tx_page * PAGE))
+            .unwrap();
+        self.add_chain(
+            0,
+            &[
+                (rx_header_page * PAGE, 12, true),
+                (rx_payload_page * PAGE, 2048, true),
+            ],
+        );
+        self.add_chain(1, &[(tx_page * PAGE, 72, false)]);
+        self.kick(1);
+        self.wait_used(1, round);
+        self.wait_used(0, round);
+        let mut payload = vec![0u8; 60];
+        self.mem
+            .read_slice(&mut payload, GuestAddress(rx_payload_page * PAGE))
+            .unwrap();
+        assert_eq!(payload, frame[12..], "payload delivered");
+    }
+}
+
+fn socket_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("standby-net-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("s.sock")
+}
+
+#[test]
+fn every_device_write_is_logged_while_log_all_is_on_and_none_after() {
+    let socket = socket_path("dirty-log");
+    let mut server = Server::new(BackendConfig::new(&socket, PortSpec::Loop)).unwrap();
+    server.start().unwrap();
+    let device = server.handle();
+    let mut guest = Guest::connect(&socket);
+
+    guest.start_logging();
+    guest.loop_one_frame(0x40, 0x20, 0x30, 1);
+    assert!(device.negotiation().dirty_logging);
+    let header_page = 0x20;
+    let payload_page = 0x30;
+    let rx_used_page = RX.used / PAGE;
+    let tx_used_page = TX.used / PAGE;
+    assert_eq!(
+        guest.dirty_pages(),
+        [rx_used_page, tx_used_page, header_page, payload_page],
+        "exactly the pages the device wrote: used rings, header, payload"
+    );
+
+    guest.stop_logging();
+    guest.clear_log();
+    guest.loop_one_frame(0x41, 0x21, 0x31, 2);
+    assert_eq!(
+        guest.dirty_pages(),
+        Vec::<u64>::new(),
+        "nothing logged after LOG_ALL is off"
+    );
+    assert!(!device.negotiation().dirty_logging);
+
+    // And on again: QEMU may migrate the same VM twice.
+    guest.start_logging();
+    guest.loop_one_frame(0x42, 0x22, 0x32, 3);
+    assert_eq!(
+        guest.dirty_pages(),
+        [rx_used_page, tx_used_page, 0x22, 0x32]
+    );
+
+    let stats = device.stats();
+    assert_eq!((stats[0].packets, stats[1].packets), (3, 3));
+    drop(guest);
+    server.stop();
+    assert!(!socket.exists());
+}
