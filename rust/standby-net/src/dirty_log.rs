@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace};
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 /// Bitmap of one guest memory region: the frontend's log, gated by LOG_ALL.
 #[derive(Clone, Debug, Default)]
@@ -52,18 +52,15 @@ impl Bitmap for DirtyLog {
         self.log.dirty_at(offset)
     }
 
-    fn slice_at(&self, offset: usize) -> Self {
-        Self {
-            log: self.log.slice_at(offset),
-            logging: Arc::clone(&self.logging),
-        }
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        // Every guest memory access makes a slice: borrowing costs nothing, where the
+        // crate's own bitmap clones an `Arc` each time.
+        RefSlice::new(self, offset)
     }
 }
 
-impl BitmapSlice for DirtyLog {}
-
-impl WithBitmapSlice<'_> for DirtyLog {
-    type S = Self;
+impl<'a> WithBitmapSlice<'a> for DirtyLog {
+    type S = RefSlice<'a, Self>;
 }
 
 impl NewBitmap for DirtyLog {
@@ -80,10 +77,15 @@ impl BitmapReplace for DirtyLog {
     }
 }
 
+/// The log of one region (not a slice of it: slices borrow, the switch lives here).
+pub fn region_log(region: &GuestRegionMmap<DirtyLog>) -> &DirtyLog {
+    MmapRegion::bitmap(region)
+}
+
 /// Apply the LOG_ALL state to every region of `mem`.
 pub fn set_logging(mem: &GuestMemoryMmap<DirtyLog>, on: bool) {
     for region in mem.iter() {
-        region.bitmap().set_logging(on);
+        region_log(region).set_logging(on);
     }
 }
 
@@ -93,14 +95,14 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]
-    fn switch_is_shared_by_slices() {
+    fn clones_share_the_switch() {
         let log = DirtyLog::default();
-        let slice = log.slice_at(4096);
-        assert!(!slice.is_logging());
+        let clone = log.clone();
+        assert!(!clone.is_logging());
         log.set_logging(true);
-        assert!(slice.is_logging());
+        assert!(clone.is_logging());
         log.set_logging(false);
-        assert!(!slice.is_logging());
+        assert!(!clone.is_logging());
     }
 
     #[test]
@@ -111,12 +113,12 @@ mod tests {
         ])
         .unwrap();
         set_logging(&mem, true);
-        assert!(mem.iter().all(|r| r.bitmap().is_logging()));
+        assert!(mem.iter().all(|r| region_log(r).is_logging()));
         set_logging(&mem, false);
-        assert!(mem.iter().all(|r| !r.bitmap().is_logging()));
+        assert!(mem.iter().all(|r| !region_log(r).is_logging()));
         // Without a log base, writes are accepted and nothing is marked.
         set_logging(&mem, true);
         mem.write_slice(&[1, 2, 3], GuestAddress(0x100)).unwrap();
-        assert!(!mem.iter().next().unwrap().bitmap().dirty_at(0x100));
+        assert!(!region_log(mem.iter().next().unwrap()).dirty_at(0x100));
     }
 }

@@ -28,6 +28,7 @@ mod queue_pair;
 mod server;
 mod stats;
 mod status;
+mod used_ring;
 mod vhu_net;
 pub mod virtio_net;
 

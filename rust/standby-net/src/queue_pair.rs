@@ -1,9 +1,10 @@
 //! One queue pair's datapath: the guest's transmit queue into the port, and the
 //! port into the guest's receive queue.
 //!
-//! Descriptor chains are walked with `virtio-queue`; guest memory is only read and
-//! written through vm-memory, so every write is range-checked and dirty-logged.
-//! Nothing here allocates per frame: segment lists live in the worker and are reused.
+//! Descriptor chains are walked with `virtio-queue`; completions go through
+//! [`UsedRing`] in batches. Guest memory is only read and written through vm-memory,
+//! so every write is range-checked and dirty-logged. Nothing here allocates per
+//! frame: segment lists live in the worker and are reused.
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
@@ -12,16 +13,19 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vhost_user_backend::VringT;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::port::{GuestFrame, Port, SharedPort, TxOutcome};
 use crate::stats::{CounterDelta, DeviceCounters};
+use crate::used_ring::{UsedRing, PUBLISH_EVERY};
 use crate::virtio_net::{MAX_HDR_AND_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::{GuestMemory, Vring};
 
 /// Longest descriptor chain accepted (the largest ring a frontend may pick).
 const MAX_CHAIN_SEGMENTS: usize = 1024;
+/// Completions held before publishing: a batch, plus the buffers of one merged frame.
+const USED_BATCH_CAPACITY: usize = PUBLISH_EVERY + MAX_CHAIN_SEGMENTS;
 
 /// Why one descriptor chain was refused. The chain is completed with length 0 so
 /// the guest does not see a descriptor leak; the queue goes on.
@@ -133,6 +137,7 @@ pub struct TxVirtio {
     queue: u16,
     counters: Arc<DeviceCounters>,
     segments: Vec<(GuestAddress, u32)>,
+    used: UsedRing,
     errors: ErrorLog,
 }
 
@@ -142,6 +147,7 @@ impl TxVirtio {
             queue,
             counters,
             segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
         }
     }
@@ -203,13 +209,14 @@ impl TxVirtio {
         }
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
-        let mut completed = false;
+        self.used.begin(queue);
         // With EVENT_IDX the guest kicks only when it passes `avail_event`, so after
         // re-arming notifications look again: a frame added in between would
         // otherwise wait for the next kick.
-        'ring: loop {
+        loop {
             queue.disable_notification(mem).map_err(ring_error)?;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let mut chains = queue.iter(mem).map_err(ring_error)?;
+            while let Some(chain) = chains.next() {
                 let head = chain.head_index();
                 match self.gather(chain, mem, link.vnet_hdr_len) {
                     Ok(len) => {
@@ -226,9 +233,9 @@ impl TxVirtio {
                             Ok(TxOutcome::Dropped) => delta.drops += 1,
                             Ok(TxOutcome::Busy) => {
                                 // Leave the chain in the ring; it is offered again later.
-                                queue.go_to_previous_position();
+                                chains.go_to_previous_position();
                                 progress.blocked = true;
-                                break 'ring;
+                                break;
                             }
                             Err(e) => {
                                 delta.drops += 1;
@@ -241,21 +248,26 @@ impl TxVirtio {
                         self.errors.error(self.queue, &e);
                     }
                 }
-                queue.add_used(mem, head, 0).map_err(ring_error)?;
-                completed = true;
+                // Transmit buffers are only read: completed with length 0.
+                self.used.push(head, 0);
+                self.used.publish_if_full(mem).map_err(ring_error)?;
             }
+            if progress.blocked {
+                break;
+            }
+            self.used.publish(mem).map_err(ring_error)?;
             if !queue.enable_notification(mem).map_err(ring_error)? {
                 break;
             }
         }
-        progress.frames = delta.packets;
-        let notify = completed && queue.needs_notification(mem).map_err(ring_error)?;
+        let notify = self.used.finish(queue, mem).map_err(ring_error)?;
         if notify {
             if let Err(e) = state.signal_used_queue() {
                 self.errors
                     .error(self.queue, &format!("cannot signal the guest: {e}"));
             }
         }
+        progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
         Ok(progress)
     }
@@ -285,6 +297,7 @@ pub struct RxVirtio {
     counters: Arc<DeviceCounters>,
     segments: Vec<(GuestAddress, u32)>,
     chains: Vec<TakenChain>,
+    used: UsedRing,
     errors: ErrorLog,
 }
 
@@ -295,6 +308,7 @@ impl RxVirtio {
             counters,
             segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
             chains: Vec::with_capacity(64),
+            used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
         }
     }
@@ -326,9 +340,9 @@ impl RxVirtio {
     }
 
     /// Put the chains taken so far back into the ring, newest first.
-    fn give_back(&mut self, queue: &mut Queue) {
+    fn give_back(&mut self, chains: &mut AvailIter<'_, &GuestMemory>) {
         for _ in 0..self.chains.len() {
-            queue.go_to_previous_position();
+            chains.go_to_previous_position();
         }
         self.chains.clear();
         self.segments.clear();
@@ -337,7 +351,8 @@ impl RxVirtio {
     /// Copy `frame` (virtio-net header first) into as many guest buffers as it needs.
     fn place(
         &mut self,
-        queue: &mut Queue,
+        chains: &mut AvailIter<'_, &GuestMemory>,
+        queue_size: u16,
         mem: &GuestMemory,
         frame: &mut [u8],
         link: LinkParams,
@@ -349,13 +364,13 @@ impl RxVirtio {
         let mut capacity = 0usize;
         while capacity < need {
             let one_buffer_only = !link.mergeable_rx && !self.chains.is_empty();
-            if one_buffer_only || self.chains.len() == queue.size() as usize {
-                self.give_back(queue);
+            if one_buffer_only || self.chains.len() == queue_size as usize {
+                self.give_back(chains);
                 return Ok(Placement::NeverFits);
             }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = chains.next() else {
                 let available = self.chains.len();
-                self.give_back(queue);
+                self.give_back(chains);
                 return Ok(Placement::NoBuffers(available));
             };
             let head = chain.head_index();
@@ -374,11 +389,11 @@ impl RxVirtio {
                     // Guests drop used buffers shorter than a header.
                     self.segments.truncate(first_segment);
                     for taken in self.chains.drain(..) {
-                        queue.add_used(mem, taken.head, 0)?;
+                        self.used.push(taken.head, 0);
                     }
                     self.segments.clear();
                     capacity = 0;
-                    queue.add_used(mem, head, 0)?;
+                    self.used.push(head, 0);
                     delta.errors += 1;
                     self.errors.error(self.queue, &e);
                 }
@@ -405,8 +420,10 @@ impl RxVirtio {
                 segment += 1;
             }
             segment = taken.segments_end;
-            queue.add_used(mem, taken.head, written as u32)?;
+            self.used.push(taken.head, written as u32);
         }
+        // Between frames: the buffers of this one are published together.
+        self.used.publish_if_full(mem)?;
         Ok(Placement::Delivered)
     }
 
@@ -431,60 +448,63 @@ impl RxVirtio {
         if !queue.is_valid(mem) {
             return Err(QueueError::RingOutsideGuestMemory { queue: queue_index });
         }
-        let used_before = queue.next_used();
+        let queue_size = queue.size();
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();
-        loop {
-            let frame = match port.peek_rx() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => {
-                    delta.drops += 1;
-                    self.errors.error(self.queue, &format!("host port: {e}"));
-                    break;
+        self.used.begin(queue);
+        'frames: loop {
+            let mut chains = queue.iter(mem).map_err(ring_error)?;
+            let available = loop {
+                let frame = match port.peek_rx() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break 'frames,
+                    Err(e) => {
+                        delta.drops += 1;
+                        self.errors.error(self.queue, &format!("host port: {e}"));
+                        break 'frames;
+                    }
+                };
+                let len = frame.len();
+                let placement = self
+                    .place(&mut chains, queue_size, mem, frame, link, &mut delta)
+                    .map_err(ring_error)?;
+                match placement {
+                    Placement::Delivered => {
+                        port.consume_rx();
+                        delta.packets += 1;
+                        delta.bytes += (len - link.vnet_hdr_len) as u64;
+                    }
+                    Placement::NeverFits => {
+                        port.consume_rx();
+                        delta.drops += 1;
+                    }
+                    Placement::NoBuffers(available) => break available,
                 }
             };
-            let len = frame.len();
-            match self
-                .place(queue, mem, frame, link, &mut delta)
-                .map_err(ring_error)?
-            {
-                Placement::Delivered => {
-                    port.consume_rx();
-                    delta.packets += 1;
-                    delta.bytes += (len - link.vnet_hdr_len) as u64;
-                }
-                Placement::NeverFits => {
-                    port.consume_rx();
-                    delta.drops += 1;
-                }
-                Placement::NoBuffers(available) => {
-                    // Ask for a kick when buffers arrive; if some came in meanwhile, go on.
-                    queue.enable_notification(mem).map_err(ring_error)?;
-                    let avail = queue
-                        .avail_idx(mem, Ordering::Acquire)
-                        .map_err(ring_error)?;
-                    if (avail - Wrapping(queue.next_avail())).0 as usize > available {
-                        continue;
-                    }
-                    progress.starved = true;
-                    break;
-                }
+            // Out of buffers: hand back what is done, then ask for a kick when more
+            // arrive; if some came in meanwhile, go on.
+            self.used.publish(mem).map_err(ring_error)?;
+            queue.enable_notification(mem).map_err(ring_error)?;
+            let avail = queue
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(ring_error)?;
+            if (avail - Wrapping(queue.next_avail())).0 as usize <= available {
+                progress.starved = true;
+                break;
             }
         }
         if !progress.starved {
             // Buffers to spare: no need for a kick each time the guest adds more.
             queue.disable_notification(mem).map_err(ring_error)?;
         }
-        progress.frames = delta.packets;
-        let completed = queue.next_used() != used_before;
-        let notify = completed && queue.needs_notification(mem).map_err(ring_error)?;
+        let notify = self.used.finish(queue, mem).map_err(ring_error)?;
         if notify {
             if let Err(e) = state.signal_used_queue() {
                 self.errors
                     .error(self.queue, &format!("cannot signal the guest: {e}"));
             }
         }
+        progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
         Ok(progress)
     }

@@ -294,6 +294,11 @@ fn serve_one(
         .register_ports(&daemon.get_epoll_handlers())
         .map_err(|e| format!("cannot watch the host port: {e}"))?;
 
+    // Reset before accepting: once accepted, the frontend negotiates on its own thread.
+    status.update_negotiation(|n| {
+        n.acked_features = None;
+        n.dirty_logging = false;
+    });
     let path = shared.config.socket_path.display().to_string();
     match listener {
         Some(listener) => {
@@ -327,11 +332,7 @@ fn serve_one(
     }
 
     *connection += 1;
-    status.update_negotiation(|n| {
-        n.acked_features = None;
-        n.dirty_logging = false;
-        n.connections = *connection;
-    });
+    status.update_negotiation(|n| n.connections = *connection);
     status.set_state(ConnectionState::Connected);
     status.push(DeviceEvent::Connected {
         connection: *connection,

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use standby_net::virtio_net::{F_LOG_ALL, F_MRG_RXBUF, F_PROTOCOL_FEATURES, F_VERSION_1};
-use standby_net::{BackendConfig, PortSpec, Server};
+use standby_net::{BackendConfig, DeviceHandle, PortSpec, Server};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
@@ -140,7 +140,7 @@ impl Guest {
 
     const FEATURES: u64 = F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES;
 
-    fn start_logging(&mut self) {
+    fn start_logging(&mut self, device: &DeviceHandle) {
         self.frontend
             .set_log_base(
                 0,
@@ -151,13 +151,24 @@ impl Guest {
                 }),
             )
             .unwrap();
-        self.frontend
-            .set_features(Self::FEATURES | F_LOG_ALL)
-            .unwrap();
+        self.set_features_and_wait(Self::FEATURES | F_LOG_ALL, device);
     }
 
-    fn stop_logging(&mut self) {
-        self.frontend.set_features(Self::FEATURES).unwrap();
+    fn stop_logging(&mut self, device: &DeviceHandle) {
+        self.set_features_and_wait(Self::FEATURES, device);
+    }
+
+    /// QEMU waits for the backend's ack when it toggles LOG_ALL, so no write the
+    /// device makes afterwards misses the new setting. `Frontend` does not wait for
+    /// that ack, so the test waits until the device reports the switch.
+    fn set_features_and_wait(&mut self, features: u64, device: &DeviceHandle) {
+        self.frontend.set_features(features).unwrap();
+        let logging = features & F_LOG_ALL != 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while device.negotiation().dirty_logging != logging {
+            assert!(Instant::now() < deadline, "LOG_ALL never became {logging}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Add a chain of `(addr, len, device_writable)` buffers to queue `queue`.
@@ -268,7 +279,7 @@ fn every_device_write_is_logged_while_log_all_is_on_and_none_after() {
     let device = server.handle();
     let mut guest = Guest::connect(&socket);
 
-    guest.start_logging();
+    guest.start_logging(&device);
     guest.loop_one_frame(0x40, 0x20, 0x30, 1);
     assert!(device.negotiation().dirty_logging);
     let header_page = 0x20;
@@ -281,7 +292,7 @@ fn every_device_write_is_logged_while_log_all_is_on_and_none_after() {
         "exactly the pages the device wrote: used rings, header, payload"
     );
 
-    guest.stop_logging();
+    guest.stop_logging(&device);
     guest.clear_log();
     guest.loop_one_frame(0x41, 0x21, 0x31, 2);
     assert_eq!(
@@ -292,7 +303,7 @@ fn every_device_write_is_logged_while_log_all_is_on_and_none_after() {
     assert!(!device.negotiation().dirty_logging);
 
     // And on again: QEMU may migrate the same VM twice.
-    guest.start_logging();
+    guest.start_logging(&device);
     guest.loop_one_frame(0x42, 0x22, 0x32, 3);
     assert_eq!(
         guest.dirty_pages(),
