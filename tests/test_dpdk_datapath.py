@@ -54,7 +54,7 @@ def test_negotiated_features_are_what_both_sides_offered(
     # Dirty logging is a migration thing: acked only while QEMU migrates.
     assert "LOG_ALL" not in names
     assert offered & _native.F_LOG_ALL
-    assert {"LOG_SHMFD", "REPLY_ACK"} <= set(backend.features.protocol_offered_names)
+    assert {"MQ", "LOG_SHMFD", "REPLY_ACK"} <= set(backend.features.protocol_offered_names)
 
 
 @pytest.mark.parametrize("frame_len", [64, 1518])

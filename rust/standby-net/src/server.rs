@@ -156,7 +156,7 @@ impl Server {
             queue_pairs: config.queue_pairs,
             max_queue_size: config.max_queue_size,
             features,
-            protocol_features: protocol_features(multi_queue),
+            protocol_features: protocol_features(),
         };
         let status = Arc::new(DeviceStatus::new(
             offer.features,

@@ -73,16 +73,14 @@ pub const OFFLOAD_FEATURES: u64 = F_CSUM
 
 /// Protocol features this backend handles. Everything else (RARP, NET_MTU, STATUS,
 /// CONFIG, ...) is left out on purpose: `vhost` does not dispatch those requests and
-/// an undispatched request ends the connection.
-pub fn protocol_features(multi_queue: bool) -> VhostUserProtocolFeatures {
-    let mut features = VhostUserProtocolFeatures::REPLY_ACK
+/// an undispatched request ends the connection. MQ is offered with one queue pair
+/// too: the frontend then learns the count from GET_QUEUE_NUM.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-        | VhostUserProtocolFeatures::RESET_DEVICE;
-    if multi_queue {
-        features |= VhostUserProtocolFeatures::MQ;
-    }
-    features
+        | VhostUserProtocolFeatures::RESET_DEVICE
 }
 
 /// Size of the header in front of every frame: 12 bytes for VERSION_1 or
@@ -168,10 +166,14 @@ mod tests {
 
     #[test]
     fn protocol_features_always_allow_migration() {
-        let single = protocol_features(false);
-        assert!(single.contains(VhostUserProtocolFeatures::LOG_SHMFD));
-        assert!(!single.contains(VhostUserProtocolFeatures::MQ));
-        assert!(protocol_features(true).contains(VhostUserProtocolFeatures::MQ));
+        let offered = protocol_features();
+        for needed in [
+            VhostUserProtocolFeatures::MQ,
+            VhostUserProtocolFeatures::REPLY_ACK,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+        ] {
+            assert!(offered.contains(needed));
+        }
         // Requests for these are not dispatched by `vhost`: never offer them.
         for unhandled in [
             VhostUserProtocolFeatures::RARP,
@@ -180,7 +182,7 @@ mod tests {
             VhostUserProtocolFeatures::CONFIG,
             VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         ] {
-            assert!(!protocol_features(true).intersects(unhandled));
+            assert!(!protocol_features().intersects(unhandled));
         }
     }
 
