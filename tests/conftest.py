@@ -1,18 +1,27 @@
-"""Shared fixtures: real frontends (dpdk-testpmd), short socket paths, backends
-that are always stopped."""
+"""Shared fixtures: real frontends (dpdk-testpmd, QEMU), short socket paths,
+backends that are always stopped."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import pytest
 
 from failover_backend import StandbyBackend
-from tools import require_tool
+from tools import require_root, require_tool
+
+T = TypeVar("T")
+
+# Guest kernel packages and built images are cached in the checkout (see README).
+os.environ.setdefault(
+    "FAILOVER_BACKEND_CACHE", str(Path(__file__).resolve().parent.parent / ".cache")
+)
 
 
 @pytest.fixture
@@ -25,7 +34,21 @@ def sockdir() -> Iterator[Path]:
 
 @pytest.fixture
 def testpmd_binary() -> str:
-    return require_tool("dpdk-testpmd", "Debian package dpdk; .ci/run installs it")
+    return require_tool("dpdk-testpmd", "Debian package dpdk-dev; .ci/run installs it")
+
+
+@pytest.fixture
+def qemu_lab() -> None:
+    """The lab's needs: QEMU, root (TAPs, bridge), and Debian's tools to build the guest."""
+    require_tool("qemu-system-x86_64", "Debian package qemu-system-x86; .ci/run installs it")
+    for tool, package in (("dpkg-deb", "dpkg"), ("cpio", "cpio"), ("depmod", "kmod")):
+        require_tool(tool, f"Debian package {package}")
+    require_root("TAP devices and a bridge")
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 240.0) -> T:
+    """Run one scenario, bounded: a stuck guest fails the test instead of hanging CI."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 BackendFactory = Callable[..., StandbyBackend]

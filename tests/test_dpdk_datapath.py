@@ -109,9 +109,9 @@ def test_loop_port_returns_every_frame_unchanged(
         pmd.cmd("set burst tx delay 100 retry 10000")
         pmd.cmd("start")
         wait_for(
-            lambda: backend.stats().rx_packets == len(frames),
+            lambda: pmd.port_stats(0)["TX-packets"] == len(frames),
             30,
-            f"{len(frames)} frames back to the guest (has {backend.stats().rx_packets})",
+            f"{len(frames)} frames back through the guest into the pcap port",
         )
         pmd.cmd("stop")
         virtio = pmd.port_stats(1)

@@ -74,10 +74,11 @@ def test_frames_cross_the_tap_both_ways_unchanged(
             seen_by_host = capture(host, len(guest_to_host))
             for frame in host_to_guest:
                 host.send(frame)
+            # Delivered to the guest, then forwarded by testpmd into the pcap file.
             wait_for(
-                lambda: backend.stats().rx_packets == len(host_to_guest),
+                lambda: pmd.port_stats(0)["TX-packets"] == len(host_to_guest),
                 15,
-                f"{len(host_to_guest)} frames into the guest",
+                f"{len(host_to_guest)} frames through the guest into the pcap port",
             )
             pmd.cmd("stop")
             pmd.quit()

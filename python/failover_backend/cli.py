@@ -11,9 +11,14 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .backend import StandbyBackend
+from .config import load_config
+from .demo import demo
 from .errors import ConfigError, FailoverError
+from .remote import MigrateArgs, migrate_command, status_command
+from .run import run_pair
 from .serve import serve
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -46,6 +51,16 @@ def _bounded(low: int, high: int) -> type[int]:
         return number
 
     return parse  # type: ignore[return-value]
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {number}")
+    return number
 
 
 def _power_of_two(value: str) -> int:
@@ -90,6 +105,50 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument(
         "--mtu", type=_bounded(68, 65535), default=1500, help="MTU (default 1500)"
     )
+
+    run_cmd = commands.add_parser(
+        "run",
+        help="serve the standby backend and manage one VM's failover pair",
+        description="Serve the standby backend and manage the pair of one VM until stopped.",
+    )
+    run_cmd.add_argument("--config", required=True, type=Path, help="pair configuration (TOML)")
+
+    migrate_cmd = commands.add_parser(
+        "migrate",
+        help="live-migrate a VM with a failover pair",
+        description="Migrate with the primary unplugged on the source and plugged on the target.",
+    )
+    migrate_cmd.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
+    migrate_cmd.add_argument("--target-qmp", required=True, type=Path, help="target QMP socket")
+    migrate_cmd.add_argument(
+        "--uri", required=True, help="migration URI (unix:PATH, tcp:HOST:PORT)"
+    )
+    migrate_cmd.add_argument("--standby", default="standby0", help="standby device id")
+    migrate_cmd.add_argument(
+        "--wait-unplug-timeout",
+        type=_positive,
+        default=30.0,
+        help="cancel when the guest holds the primary longer (seconds, default 30)",
+    )
+    migrate_cmd.add_argument(
+        "--timeout", type=_positive, default=600.0, help="bound on the whole migration (s)"
+    )
+    migrate_cmd.add_argument(
+        "--no-announce", action="store_true", help="skip announce-self on the target"
+    )
+
+    status_cmd = commands.add_parser("status", help="show a VM's failover pair")
+    status_cmd.add_argument("--qmp", required=True, type=Path, help="QMP socket")
+    status_cmd.add_argument("--standby", default="standby0", help="standby device id")
+
+    demo_cmd = commands.add_parser(
+        "demo",
+        help="build a tiny guest and show negotiation, hotplug and a live migration (root)",
+    )
+    demo_cmd.add_argument("--keep", action="store_true", help="keep logs and sockets")
+    demo_cmd.add_argument(
+        "--kvm", action="store_true", help="use KVM instead of TCG (nested guests may hang)"
+    )
     return parser
 
 
@@ -116,7 +175,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "run":
+            return asyncio.run(run_pair(load_config(args.config)))
+        if args.command == "migrate":
+            return asyncio.run(
+                migrate_command(
+                    MigrateArgs(
+                        source_qmp=args.source_qmp,
+                        target_qmp=args.target_qmp,
+                        uri=args.uri,
+                        standby=args.standby,
+                        wait_unplug_timeout=args.wait_unplug_timeout,
+                        timeout=args.timeout,
+                        announce=not args.no_announce,
+                    )
+                )
+            )
+        if args.command == "status":
+            return asyncio.run(status_command(args.qmp, args.standby))
+        if args.command == "demo":
+            return asyncio.run(demo(keep=args.keep, accel="kvm" if args.kvm else "tcg"))
     except ConfigError as err:
+        if err.source is not None:
+            # A bad file is not a bad command line: say what to fix, exit 1.
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         parser.error(str(err))
     except FailoverError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,7 +13,8 @@ from .backend import StandbyBackend
 logger = logging.getLogger("failover_backend.serve")
 
 
-async def _log_events(backend: StandbyBackend) -> None:
+async def log_events(backend: StandbyBackend) -> None:
+    """Log the backend's events as they happen (cancel to stop)."""
     async for event in backend.watch():
         level = logging.WARNING if event.details.get("reason") else logging.INFO
         logger.log(level, "%s", event.message)
@@ -26,7 +27,7 @@ async def serve(backend: StandbyBackend) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     backend.start()
-    watcher = asyncio.create_task(_log_events(backend))
+    watcher = asyncio.create_task(log_events(backend))
     try:
         print("QEMU arguments: " + shlex.join(backend.qemu_args()), flush=True)
         logger.info(

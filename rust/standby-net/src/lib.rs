@@ -23,6 +23,7 @@
 mod announce;
 mod config;
 mod dirty_log;
+mod frontend_gate;
 mod port;
 mod queue_pair;
 mod server;

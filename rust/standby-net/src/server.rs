@@ -2,13 +2,16 @@
 //!
 //! Each connection gets a fresh `VhostUserNet` and `VhostUserDaemon`, so nothing a
 //! previous frontend negotiated or mapped leaks into the next one; ports, counters
-//! and the event log belong to the device and carry over.
+//! and the event log belong to the device and carry over. The frontend's socket
+//! reaches the daemon through a [`FrontendGate`] (see there for why).
 
 use std::io;
+use std::net::Shutdown;
+use std::os::linux::net::SocketAddrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -21,6 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::announce::rarp_frame;
 use crate::config::{BackendConfig, ConfigError};
+use crate::frontend_gate::FrontendGate;
 use crate::port::{open_ports, HostWriter, OpenPortError, SharedPort};
 use crate::stats::{DeviceCounters, QueueStats};
 use crate::status::{ConnectionState, DeviceEvent, DeviceStatus, Negotiation, TimedEvent};
@@ -42,7 +46,7 @@ pub enum ServerError {
     Listen {
         path: String,
         #[source]
-        source: VhostUserError,
+        source: io::Error,
     },
     #[error("cannot create the stop event")]
     StopEvent(#[source] io::Error),
@@ -71,7 +75,7 @@ struct Shared {
     stopping: AtomicBool,
     stop_event: EventFd,
     /// Ends the current connection from outside (stop).
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<ConnectionHandle>>,
 }
 
 /// A cheap handle to read a running device and act on it.
@@ -135,10 +139,58 @@ impl DeviceHandle {
     }
 }
 
+/// What closes the current connection: the frontend's socket and the handler's.
+struct ConnectionHandle {
+    frontend: UnixStream,
+    handler: Option<ShutdownHandle>,
+}
+
+impl ConnectionHandle {
+    fn shutdown(&self) {
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        if let Some(handler) = &self.handler {
+            handler.shutdown();
+        }
+    }
+}
+
+/// The socket frontends connect to; removed when dropped.
+struct PublicSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for PublicSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where `vhost-user-backend` accepts the gate's side of each connection: an abstract
+/// socket private to this process.
+struct HandlerSocket {
+    listener: Listener,
+    address: SocketAddr,
+}
+
+impl HandlerSocket {
+    fn new() -> io::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "standby-net-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let address = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let listener = Listener::from(UnixListener::bind_addr(&address)?);
+        Ok(Self { listener, address })
+    }
+}
+
 /// A standby device serving one vhost-user socket.
 pub struct Server {
     shared: Arc<Shared>,
-    listener: Option<Listener>,
+    socket: Option<PublicSocket>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -175,7 +227,7 @@ impl Server {
         };
         Ok(Self {
             shared: Arc::new(shared),
-            listener: None,
+            socket: None,
             thread: None,
         })
     }
@@ -194,13 +246,13 @@ impl Server {
         }
         let config = &self.shared.config;
         if !config.client {
-            self.listener = Some(bind(&config.socket_path)?);
+            self.socket = Some(bind(&config.socket_path)?);
         }
         let shared = Arc::clone(&self.shared);
-        let listener = self.listener.take();
+        let socket = self.socket.take();
         let thread = thread::Builder::new()
             .name("vhost-user-conn".to_string())
-            .spawn(move || run(&shared, listener))
+            .spawn(move || run(&shared, socket))
             .map_err(ServerError::SpawnThread)?;
         self.thread = Some(thread);
         Ok(())
@@ -232,15 +284,20 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Bind the socket, refusing to steal it from a live backend.
-fn bind(path: &Path) -> Result<Listener, ServerError> {
+fn bind(path: &Path) -> Result<PublicSocket, ServerError> {
     let display = path.display().to_string();
     if UnixStream::connect(path).is_ok() {
         return Err(ServerError::SocketInUse { path: display });
     }
     // Whatever is left there is stale.
-    Listener::new(path, true).map_err(|source| ServerError::Listen {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|source| ServerError::Listen {
         path: display,
         source,
+    })?;
+    Ok(PublicSocket {
+        listener,
+        path: path.to_path_buf(),
     })
 }
 
@@ -250,14 +307,29 @@ enum Served {
     Stopped,
 }
 
-fn run(shared: &Shared, mut listener: Option<Listener>) {
+fn run(shared: &Shared, socket: Option<PublicSocket>) {
     let status = &shared.status;
+    let mut handler_socket = match HandlerSocket::new() {
+        Ok(handler_socket) => handler_socket,
+        Err(e) => {
+            status.set_state(ConnectionState::Failed);
+            status.push(DeviceEvent::Failed {
+                reason: format!("cannot create the handler socket: {e}"),
+            });
+            return;
+        }
+    };
     let mut connection = 0u64;
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             break;
         }
-        match serve_one(shared, listener.as_mut(), &mut connection) {
+        match serve_one(
+            shared,
+            socket.as_ref(),
+            &mut handler_socket,
+            &mut connection,
+        ) {
             Ok(Served::Disconnected) => continue,
             Ok(Served::Stopped) => break,
             Err(reason) => {
@@ -267,16 +339,55 @@ fn run(shared: &Shared, mut listener: Option<Listener>) {
             }
         }
     }
-    // Dropping the listener removes the socket file.
-    drop(listener);
+    // Dropping the socket removes its file.
+    drop(socket);
     status.set_state(ConnectionState::Stopped);
     status.push(DeviceEvent::Stopped);
+}
+
+/// Wait for the frontend: accept on our socket, or connect to its socket.
+fn frontend_connection(
+    shared: &Shared,
+    socket: Option<&PublicSocket>,
+) -> Result<Option<UnixStream>, String> {
+    let status = &shared.status;
+    let path = shared.config.socket_path.display().to_string();
+    match socket {
+        Some(socket) => {
+            status.set_state(ConnectionState::Listening);
+            status.push(DeviceEvent::Listening { path });
+            if !wait_readable(socket.listener.as_raw_fd(), &shared.stop_event)? {
+                return Ok(None);
+            }
+            let (stream, _) = socket
+                .listener
+                .accept()
+                .map_err(|e| format!("cannot accept on {}: {e}", socket.path.display()))?;
+            Ok(Some(stream))
+        }
+        None => {
+            status.set_state(ConnectionState::Connecting);
+            status.push(DeviceEvent::Connecting { path: path.clone() });
+            loop {
+                match UnixStream::connect(&shared.config.socket_path) {
+                    Ok(stream) => return Ok(Some(stream)),
+                    Err(e) => {
+                        log::debug!("frontend socket {path} not ready: {e}");
+                        if wait_stop(&shared.stop_event, CONNECT_RETRY) {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Serve one frontend from connect to disconnect.
 fn serve_one(
     shared: &Shared,
-    listener: Option<&mut Listener>,
+    socket: Option<&PublicSocket>,
+    handler_socket: &mut HandlerSocket,
     connection: &mut u64,
 ) -> Result<Served, String> {
     let status = &shared.status;
@@ -299,37 +410,21 @@ fn serve_one(
         n.acked_features = None;
         n.dirty_logging = false;
     });
-    let path = shared.config.socket_path.display().to_string();
-    match listener {
-        Some(listener) => {
-            status.set_state(ConnectionState::Listening);
-            status.push(DeviceEvent::Listening { path });
-            if !wait_readable(listener.as_raw_fd(), &shared.stop_event)? {
-                return Ok(Served::Stopped);
-            }
-            daemon.start(listener).map_err(|e| {
-                format!(
-                    "cannot accept on {}: {e}",
-                    shared.config.socket_path.display()
-                )
-            })?;
-        }
-        None => {
-            status.set_state(ConnectionState::Connecting);
-            status.push(DeviceEvent::Connecting { path: path.clone() });
-            loop {
-                match daemon.start_client(&path) {
-                    Ok(()) => break,
-                    Err(e) => {
-                        log::debug!("frontend socket {path} not ready: {e}");
-                        if wait_stop(&shared.stop_event, CONNECT_RETRY) {
-                            return Ok(Served::Stopped);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let Some(frontend) = frontend_connection(shared, socket)? else {
+        return Ok(Served::Stopped);
+    };
+    let handler_side = UnixStream::connect_addr(&handler_socket.address)
+        .map_err(|e| format!("cannot reach the request handler: {e}"))?;
+    daemon
+        .start(&mut handler_socket.listener)
+        .map_err(|e| format!("the request handler did not accept: {e}"))?;
+    let gate = FrontendGate::start(
+        frontend
+            .try_clone()
+            .map_err(|e| format!("cannot share the frontend socket: {e}"))?,
+        handler_side,
+    )
+    .map_err(|e| format!("cannot start the request gate: {e}"))?;
 
     *connection += 1;
     status.update_negotiation(|n| n.connections = *connection);
@@ -337,13 +432,20 @@ fn serve_one(
     status.push(DeviceEvent::Connected {
         connection: *connection,
     });
-    *lock(&shared.connection) = daemon.shutdown_handle();
+    *lock(&shared.connection) = Some(ConnectionHandle {
+        frontend,
+        handler: daemon.shutdown_handle(),
+    });
     if shared.stopping.load(Ordering::Acquire) {
-        daemon.request_shutdown();
+        if let Some(handle) = lock(&shared.connection).as_ref() {
+            handle.shutdown();
+        }
     }
 
     let result = daemon.wait();
-    *lock(&shared.connection) = None;
+    lock(&shared.connection).take();
+    // The handler's side is closed: the gate passes its last reply on, then closes.
+    drop(gate);
     let reason = match result {
         Ok(()) => None,
         Err(vhost_user_backend::Error::HandleRequest(

@@ -1,0 +1,142 @@
+"""Attaching a standby to a running VM, and detaching it.
+
+A standby hot-plugged into a running VM is three objects: the chardev that reaches
+the backend's socket, the vhost-user netdev on it, and the ``virtio-net-pci`` with
+``failover=on`` on a free root port. Attach creates them in that order and undoes
+what it made if a later step fails; detach removes them in reverse.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .errors import MonitorCommandError, PrimaryError
+from .pairing import PERIPHERAL, find_primary, peripheral_ids
+from .qmp import QmpSession
+
+logger = logging.getLogger(__name__)
+
+
+def chardev_id(device_id: str) -> str:
+    return f"chr-{device_id}"
+
+
+async def free_root_ports(qmp: QmpSession) -> list[str]:
+    """Root ports with nothing plugged in, in id order."""
+    ports = []
+    occupied = set()
+    for device_id in await peripheral_ids(qmp):
+        path = f"{PERIPHERAL}/{device_id}"
+        try:
+            device_type = await qmp.qom_get(path, "type")
+            parent_bus = await qmp.qom_get(path, "parent_bus")
+        except MonitorCommandError:
+            continue
+        if device_type == "pcie-root-port":
+            ports.append(device_id)
+        occupied.add(str(parent_bus).rsplit("/", 1)[-1])
+    return sorted(p for p in ports if p not in occupied)
+
+
+async def attach_standby(
+    qmp: QmpSession,
+    *,
+    device_id: str,
+    socket_path: str | Path,
+    mac: str,
+    bus: str | None = None,
+    queues: int = 1,
+    legacy_interrupts: bool = False,
+) -> str:
+    """Hot-plug a failover standby served by the vhost-user backend on ``socket_path``.
+
+    Returns the root port it went to. A primary added earlier with
+    ``failover_pair_id=device_id`` pairs with it when the guest negotiates; without one,
+    QEMU warns "Primary device not found" then (see
+    :class:`~failover_backend.controller.FailoverController`).
+
+    :raise PrimaryError: When there is no free root port.
+    :raise MonitorCommandError: When QEMU refuses a step (earlier steps are undone).
+    """
+    if bus is None:
+        free = await free_root_ports(qmp)
+        if not free:
+            raise PrimaryError("no free pcie-root-port for the standby")
+        bus = free[0]
+    existing_primary = await find_primary(qmp, device_id)
+    chardev: dict[str, Any] = {
+        "id": chardev_id(device_id),
+        "backend": {
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": str(socket_path)}},
+                "server": False,
+            },
+        },
+    }
+    netdev: dict[str, Any] = {
+        "type": "vhost-user",
+        "id": device_id,
+        "chardev": chardev_id(device_id),
+    }
+    if queues > 1:
+        netdev["queues"] = queues
+    device: dict[str, Any] = {
+        "driver": "virtio-net-pci",
+        "netdev": device_id,
+        "id": device_id,
+        "mac": mac,
+        "bus": bus,
+        "failover": True,
+    }
+    if legacy_interrupts:
+        device["vectors"] = 0
+    elif queues > 1:
+        device["mq"] = True
+        device["vectors"] = 2 * queues + 2
+
+    undo: list[tuple[str, dict[str, Any]]] = []
+    try:
+        await qmp.execute("chardev-add", chardev)
+        undo.append(("chardev-remove", {"id": chardev_id(device_id)}))
+        await qmp.execute("netdev_add", netdev)
+        undo.append(("netdev_del", {"id": device_id}))
+        await qmp.execute("device_add", device)
+    except MonitorCommandError:
+        for command, arguments in reversed(undo):
+            try:
+                await qmp.execute(command, arguments)
+            except MonitorCommandError as err:
+                logger.warning("undoing %s: %s", command, err.description)
+        raise
+    if existing_primary is None:
+        logger.info(
+            "standby %s has no primary yet: QEMU will warn 'Primary device not found' when "
+            "the guest negotiates, until one is plugged",
+            device_id,
+        )
+    else:
+        logger.info("standby %s pairs with the existing primary %s", device_id, existing_primary)
+    return bus
+
+
+async def detach_standby(qmp: QmpSession, device_id: str, deadline: float = 10.0) -> None:
+    """Unplug the standby (waiting for the guest to release it), then its netdev and
+    chardev."""
+    mark = qmp.mark()
+    await qmp.execute("device_del", {"id": device_id})
+    try:
+        await qmp.wait_event(
+            "DEVICE_DELETED",
+            since=mark,
+            match=lambda e: e.data.get("device") == device_id,
+            timeout=deadline,
+        )
+    except TimeoutError:
+        raise PrimaryError(
+            f"the guest did not release standby {device_id} within {deadline:.0f} s"
+        ) from None
+    await qmp.execute("netdev_del", {"id": device_id})
+    await qmp.execute("chardev-remove", {"id": chardev_id(device_id)})

@@ -1,0 +1,478 @@
+//! A gate between the frontend's socket and `vhost-user-backend`'s request handler.
+//!
+//! QEMU's virtio-net sends SET_VRING_ENABLE as soon as the guest driver acks its
+//! features (`peer_attach`), before SET_FEATURES reaches the backend. `vhost` refuses
+//! SET_VRING_ENABLE until VHOST_USER_F_PROTOCOL_FEATURES has been *acked* by
+//! SET_FEATURES and closes the connection, where QEMU, DPDK and libvhost-user treat
+//! the feature as negotiated once the backend offered it. The crate gives no hook
+//! before its check, so the fix lives at the only layer in between: the socket.
+//!
+//! The gate forwards every message unchanged (payload and file descriptors), parsed
+//! only as far as `vhost`'s own header type tells where a message ends. It holds back
+//! a SET_VRING_ENABLE that arrives before SET_FEATURES, acks it itself when the
+//! frontend asked for an ack, and replays the last state of each ring to the handler
+//! right after SET_FEATURES. Replies travel back whole, one message at a time.
+//!
+//! A message the gate cannot frame (truncated, oversized) is forwarded as far as it
+//! got and the gate closes: the handler then refuses it and the connection ends, as
+//! it would without the gate.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserU64, VhostUserVringState,
+    MAX_ATTACHED_FD_ENTRIES,
+};
+use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// The message header as the vhost-user spec lays it out: request, flags, body size,
+/// in native byte order. (`vhost` keeps its own header type to itself.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Header {
+    request: u32,
+    flags: u32,
+    size: u32,
+}
+
+// SAFETY: three u32 fields, no padding; every bit pattern is a valid value.
+unsafe impl ByteValued for Header {}
+
+/// Protocol version 1, the only one there is.
+const VERSION: u32 = 0x1;
+
+impl Header {
+    fn new(request: FrontendReq, flags: VhostUserHeaderFlag, size: usize) -> Self {
+        Self {
+            request: request.into(),
+            flags: VERSION | flags.bits(),
+            size: size as u32,
+        }
+    }
+
+    fn code(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
+    fn need_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+    }
+}
+
+const HEADER_LEN: usize = std::mem::size_of::<Header>();
+/// Larger bodies are not framed (the handler refuses anything above 4 KiB anyway;
+/// this leaves room for a full memory table).
+const MAX_BODY_LEN: usize = 64 * 1024;
+
+/// Both directions of one connection.
+pub struct FrontendGate {
+    requests: Option<JoinHandle<()>>,
+    replies: Option<JoinHandle<()>>,
+    frontend: UnixStream,
+}
+
+impl FrontendGate {
+    /// Start forwarding between `frontend` (QEMU, DPDK) and `handler` (the socket
+    /// `vhost-user-backend` accepted).
+    pub fn start(frontend: UnixStream, handler: UnixStream) -> io::Result<Self> {
+        let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+        let requests = Requests {
+            frontend: frontend.try_clone()?,
+            handler: handler.try_clone()?,
+            replies_to: Arc::clone(&frontend_writer),
+            features_acked: false,
+            reply_ack: false,
+            early_enables: BTreeMap::new(),
+        };
+        let replies = Replies {
+            handler,
+            frontend: frontend_writer,
+        };
+        let requests = thread::Builder::new()
+            .name("vhost-user-gate-req".into())
+            .spawn(move || requests.run())?;
+        let replies = thread::Builder::new()
+            .name("vhost-user-gate-rep".into())
+            .spawn(move || replies.run())?;
+        Ok(Self {
+            requests: Some(requests),
+            replies: Some(replies),
+            frontend,
+        })
+    }
+
+    /// Close the frontend's side; both threads end.
+    pub fn shutdown(&self) {
+        let _ = self.frontend.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for FrontendGate {
+    /// Call once the handler's side is closed: its last reply (a NACK, say) still
+    /// reaches the frontend before the frontend's side closes.
+    fn drop(&mut self) {
+        if let Some(replies) = self.replies.take() {
+            let _ = replies.join();
+        }
+        self.shutdown();
+        if let Some(requests) = self.requests.take() {
+            let _ = requests.join();
+        }
+    }
+}
+
+/// One framed message: header bytes, body bytes and the descriptors that came with it.
+struct Message {
+    header: [u8; HEADER_LEN],
+    body: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    fn header(&self) -> Header {
+        *Header::from_slice(&self.header).expect("header buffer has the header's size")
+    }
+
+    fn send(&self, to: &UnixStream) -> io::Result<()> {
+        let fds: Vec<RawFd> = self.fds.iter().map(AsRawFd::as_raw_fd).collect();
+        let bufs: [&[u8]; 2] = [&self.header, &self.body];
+        let sent = to.send_with_fds(&bufs, &fds).map_err(io::Error::from)?;
+        let total = HEADER_LEN + self.body.len();
+        if sent < total {
+            // The descriptors went with the first bytes; the rest is plain data.
+            let rest: Vec<u8> = self
+                .header
+                .iter()
+                .chain(&self.body)
+                .copied()
+                .skip(sent)
+                .collect();
+            (&*to).write_all(&rest)?;
+        }
+        Ok(())
+    }
+}
+
+/// How reading a message ended.
+enum Read_ {
+    Message(Message),
+    /// The peer closed between messages.
+    Closed,
+    /// A message that cannot be framed: what arrived of it, to pass on before closing.
+    Unframed(Vec<u8>, Vec<OwnedFd>),
+}
+
+fn read_message(from: &UnixStream) -> io::Result<Read_> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr() as *mut libc::c_void,
+        iov_len: HEADER_LEN,
+    }];
+    // SAFETY: the iovec points at `header`, which is writable for its length.
+    let (mut got, fd_count) =
+        unsafe { from.recv_with_fds(&mut iov, &mut raw_fds) }.map_err(io::Error::from)?;
+    let fds: Vec<OwnedFd> = raw_fds[..fd_count]
+        .iter()
+        // SAFETY: recvmsg just gave us these descriptors; nobody else owns them.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if got == 0 && fds.is_empty() {
+        return Ok(Read_::Closed);
+    }
+    while got < HEADER_LEN {
+        match (&*from).read(&mut header[got..])? {
+            0 => return Ok(Read_::Unframed(header[..got].to_vec(), fds)),
+            n => got += n,
+        }
+    }
+    let size = Header::from_slice(&header)
+        .expect("header buffer has the header's size")
+        .size as usize;
+    if size > MAX_BODY_LEN {
+        return Ok(Read_::Unframed(header.to_vec(), fds));
+    }
+    let mut body = vec![0u8; size];
+    let mut filled = 0;
+    while filled < size {
+        match (&*from).read(&mut body[filled..])? {
+            0 => {
+                let mut partial = header.to_vec();
+                partial.extend_from_slice(&body[..filled]);
+                return Ok(Read_::Unframed(partial, fds));
+            }
+            n => filled += n,
+        }
+    }
+    Ok(Read_::Message(Message { header, body, fds }))
+}
+
+/// Frontend → handler.
+struct Requests {
+    frontend: UnixStream,
+    handler: UnixStream,
+    replies_to: Arc<Mutex<UnixStream>>,
+    /// SET_FEATURES went through (and no reset since).
+    features_acked: bool,
+    /// REPLY_ACK was acked: a request with NEED_REPLY wants an ack.
+    reply_ack: bool,
+    /// Ring index → requested state, for SET_VRING_ENABLE held back.
+    early_enables: BTreeMap<u32, u32>,
+}
+
+impl Requests {
+    fn run(mut self) {
+        if let Err(e) = self.forward_all() {
+            log::debug!("vhost-user gate: {e}");
+        }
+        let _ = self.handler.shutdown(Shutdown::Both);
+        let _ = self.frontend.shutdown(Shutdown::Read);
+    }
+
+    fn forward_all(&mut self) -> io::Result<()> {
+        loop {
+            let message = match read_message(&self.frontend)? {
+                Read_::Message(message) => message,
+                Read_::Closed => return Ok(()),
+                Read_::Unframed(bytes, fds) => {
+                    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                    self.handler
+                        .send_with_fds(&[&bytes[..]], &raw)
+                        .map_err(io::Error::from)?;
+                    return Ok(());
+                }
+            };
+            let header = message.header();
+            match header.code() {
+                Some(FrontendReq::SET_PROTOCOL_FEATURES) => {
+                    if let Some(value) = VhostUserU64::from_slice(&message.body) {
+                        let acked = VhostUserProtocolFeatures::from_bits_truncate(value.value);
+                        self.reply_ack = acked.contains(VhostUserProtocolFeatures::REPLY_ACK);
+                    }
+                }
+                Some(FrontendReq::SET_VRING_ENABLE) if !self.features_acked => {
+                    if let Some(state) = VhostUserVringState::from_slice(&message.body) {
+                        self.hold_enable(&header, *state)?;
+                        continue;
+                    }
+                }
+                Some(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
+                    self.features_acked = false;
+                }
+                _ => {}
+            }
+            message.send(&self.handler)?;
+            if header.code() == Some(FrontendReq::SET_FEATURES) {
+                self.features_acked = true;
+                self.replay_enables()?;
+            }
+        }
+    }
+
+    fn hold_enable(&mut self, request: &Header, state: VhostUserVringState) -> io::Result<()> {
+        // Packed struct: copy the fields out before using them.
+        let (index, num) = (state.index, state.num);
+        log::debug!("vhost-user gate: SET_VRING_ENABLE {index} {num} before SET_FEATURES, held");
+        self.early_enables.insert(index, num);
+        if self.reply_ack && request.need_reply() {
+            let reply = Header::new(
+                FrontendReq::SET_VRING_ENABLE,
+                VhostUserHeaderFlag::REPLY,
+                std::mem::size_of::<VhostUserU64>(),
+            );
+            let ack = VhostUserU64::new(0);
+            let mut bytes = reply.as_slice().to_vec();
+            bytes.extend_from_slice(ack.as_slice());
+            let frontend = self.replies_to.lock().unwrap_or_else(|e| e.into_inner());
+            (&*frontend).write_all(&bytes)?;
+        }
+        Ok(())
+    }
+
+    fn replay_enables(&mut self) -> io::Result<()> {
+        for (index, num) in std::mem::take(&mut self.early_enables) {
+            let state = VhostUserVringState::new(index, num);
+            let header = Header::new(
+                FrontendReq::SET_VRING_ENABLE,
+                VhostUserHeaderFlag::empty(),
+                std::mem::size_of::<VhostUserVringState>(),
+            );
+            let mut header_bytes = [0u8; HEADER_LEN];
+            header_bytes.copy_from_slice(header.as_slice());
+            Message {
+                header: header_bytes,
+                body: state.as_slice().to_vec(),
+                fds: Vec::new(),
+            }
+            .send(&self.handler)?;
+        }
+        Ok(())
+    }
+}
+
+/// Handler → frontend: whole replies, so a reply never interleaves with an ack the
+/// gate sends itself.
+struct Replies {
+    handler: UnixStream,
+    frontend: Arc<Mutex<UnixStream>>,
+}
+
+impl Replies {
+    fn run(self) {
+        loop {
+            let message = match read_message(&self.handler) {
+                Ok(Read_::Message(message)) => message,
+                Ok(Read_::Closed | Read_::Unframed(..)) | Err(_) => break,
+            };
+            let frontend = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+            if message.send(&frontend).is_err() {
+                break;
+            }
+        }
+        let frontend = self.frontend.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = frontend.shutdown(Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(code: FrontendReq, flags: VhostUserHeaderFlag, body: &[u8]) -> Vec<u8> {
+        let header = Header::new(code, flags, body.len());
+        let mut bytes = header.as_slice().to_vec();
+        bytes.extend_from_slice(body);
+        bytes
+    }
+
+    fn read_header(from: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut header = [0u8; HEADER_LEN];
+        from.read_exact(&mut header).unwrap();
+        let header = *Header::from_slice(&header).unwrap();
+        let mut body = vec![0u8; header.size as usize];
+        from.read_exact(&mut body).unwrap();
+        (header, body)
+    }
+
+    #[test]
+    fn early_ring_enable_is_acked_held_and_replayed_after_set_features() {
+        let (mut qemu, frontend) = UnixStream::pair().unwrap();
+        let (handler, mut crate_side) = UnixStream::pair().unwrap();
+        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let need_reply = VhostUserHeaderFlag::NEED_REPLY;
+        let none = || VhostUserHeaderFlag::empty();
+
+        let reply_ack = VhostUserU64::new(VhostUserProtocolFeatures::REPLY_ACK.bits());
+        qemu.write_all(&request(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            none(),
+            reply_ack.as_slice(),
+        ))
+        .unwrap();
+        let (header, _) = read_header(&mut crate_side);
+        assert_eq!(header.code().unwrap(), FrontendReq::SET_PROTOCOL_FEATURES);
+
+        // Before SET_FEATURES: acked by the gate, not seen by the handler.
+        let enable = VhostUserVringState::new(1, 1);
+        qemu.write_all(&request(
+            FrontendReq::SET_VRING_ENABLE,
+            need_reply,
+            enable.as_slice(),
+        ))
+        .unwrap();
+        let (ack, body) = read_header(&mut qemu);
+        assert_eq!(ack.flags, VERSION | VhostUserHeaderFlag::REPLY.bits());
+        assert_eq!(ack.code(), Some(FrontendReq::SET_VRING_ENABLE));
+        assert_eq!(VhostUserU64::from_slice(&body).unwrap().value, 0);
+
+        // SET_FEATURES goes through, then the held state of ring 1.
+        let features = VhostUserU64::new(1 << 30);
+        qemu.write_all(&request(
+            FrontendReq::SET_FEATURES,
+            none(),
+            features.as_slice(),
+        ))
+        .unwrap();
+        let (header, _) = read_header(&mut crate_side);
+        assert_eq!(header.code().unwrap(), FrontendReq::SET_FEATURES);
+        let (header, body) = read_header(&mut crate_side);
+        assert_eq!(header.code().unwrap(), FrontendReq::SET_VRING_ENABLE);
+        assert!(!header.need_reply(), "replayed requests want no reply");
+        let state = *VhostUserVringState::from_slice(&body).unwrap();
+        let (index, num) = (state.index, state.num);
+        assert_eq!((index, num), (1, 1));
+
+        // After SET_FEATURES everything passes, and replies come back whole.
+        qemu.write_all(&request(
+            FrontendReq::SET_VRING_ENABLE,
+            none(),
+            enable.as_slice(),
+        ))
+        .unwrap();
+        let (header, _) = read_header(&mut crate_side);
+        assert_eq!(header.code().unwrap(), FrontendReq::SET_VRING_ENABLE);
+        crate_side
+            .write_all(&request(
+                FrontendReq::GET_FEATURES,
+                VhostUserHeaderFlag::REPLY,
+                VhostUserU64::new(7).as_slice(),
+            ))
+            .unwrap();
+        let (reply, body) = read_header(&mut qemu);
+        assert_eq!(reply.code().unwrap(), FrontendReq::GET_FEATURES);
+        assert_eq!(VhostUserU64::from_slice(&body).unwrap().value, 7);
+    }
+
+    #[test]
+    fn descriptors_pass_through() {
+        let (qemu, frontend) = UnixStream::pair().unwrap();
+        let (handler, crate_side) = UnixStream::pair().unwrap();
+        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let (keep, passed) = UnixStream::pair().unwrap();
+        let bytes = request(
+            FrontendReq::SET_VRING_KICK,
+            VhostUserHeaderFlag::empty(),
+            VhostUserU64::new(0).as_slice(),
+        );
+        qemu.send_with_fds(&[&bytes[..]], &[passed.as_raw_fd()])
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut fds = [-1; 4];
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec points at `buf`.
+        let (got, nfds) = unsafe { crate_side.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        assert_eq!((got, nfds), (bytes.len(), 1));
+        // SAFETY: just received, owned here.
+        let mut received = unsafe { UnixStream::from_raw_fd(fds[0]) };
+        received.write_all(b"x").unwrap();
+        let mut one = [0u8; 1];
+        (&keep).read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"x", "the descriptor reached the handler");
+    }
+
+    #[test]
+    fn an_oversized_message_is_passed_on_and_the_gate_closes() {
+        let (mut qemu, frontend) = UnixStream::pair().unwrap();
+        let (handler, mut crate_side) = UnixStream::pair().unwrap();
+        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let header = Header::new(
+            FrontendReq::SET_FEATURES,
+            VhostUserHeaderFlag::empty(),
+            1 << 30,
+        );
+        qemu.write_all(header.as_slice()).unwrap();
+        let mut got = Vec::new();
+        crate_side.read_to_end(&mut got).unwrap();
+        assert_eq!(got, header.as_slice(), "header passed on, then closed");
+    }
+}

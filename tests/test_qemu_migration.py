@@ -1,0 +1,255 @@
+"""Live migration of a failover pair on one host: two QEMU processes, each with its
+own standby backend and its own emulated primary, one bridge between them.
+
+The guest pings the host bridge every 50 ms throughout. The tests assert QEMU's
+event order and migration states, where the primary is (in QEMU and in the guest),
+and that replies resume and are lost only inside the switch windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from conftest import run
+from failover_backend.errors import MigrationError
+from failover_backend.lab.scenario import Lab, LabVM
+from failover_backend.lab.traffic import read_pings, start_pinging, stop_pinging
+from failover_backend.migration import Migration, MigrationOptions
+from failover_backend.primary import Primary
+from failover_backend.qmp import QmpEvent
+from failover_backend.steering import announce_burst
+from guest import netdevs, wait_primary_enslaved
+
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
+
+
+async def booted_pair(lab: Lab, **machine: Any) -> tuple[LabVM, LabVM]:
+    """A running source with its primary enslaved, and a target waiting for it
+    (same machine options: a mismatch breaks the migration stream)."""
+    src = await lab.vm("source", **machine)
+    dst = await lab.vm("target", incoming=True, **machine)
+    await src.boot()
+    if machine.get("guest_ignores_unplug"):
+        # This guest misses hot-added devices too: look for the primary by hand.
+        await src.console.check("echo 1 > /sys/bus/pci/rescan")
+    await wait_primary_enslaved(src.console)
+    return src, dst
+
+
+def migration(lab: Lab, src: LabVM, dst: LabVM, **options: Any) -> Migration:
+    async def steer_source() -> None:
+        assert src.backend is not None
+        await announce_burst(src.backend)
+
+    async def steer_target() -> None:
+        assert dst.backend is not None
+        await announce_burst(dst.backend)
+
+    return Migration(
+        src.qmp,
+        dst.qmp,
+        f"unix:{lab.workdir}/migration.sock",
+        MigrationOptions(**options),
+        timeline=lab.timeline,
+        on_primary_unplug=steer_source,
+        on_target_resume=steer_target,
+    )
+
+
+def is_active(event: QmpEvent) -> bool:
+    return event.data.get("status") == "active"
+
+
+def states(vm: LabVM) -> list[str]:
+    """MIGRATION states and UNPLUG_PRIMARY, in the order QEMU sent them."""
+    return [
+        str(e.data["status"]) if e.name == "MIGRATION" else e.name
+        for e in vm.qmp.events
+        if e.name in ("MIGRATION", "UNPLUG_PRIMARY")
+    ]
+
+
+def test_migration_moves_the_primary_and_traffic_follows() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            src, dst = await booted_pair(lab)
+            await start_pinging(src.console, lab.host_address)
+            await asyncio.sleep(1.5)
+            before = await read_pings(src.console)
+            assert before.last_seq >= 20 and before.windows() == [], "steady before migrating"
+
+            report = await migration(lab, src, dst).run()
+
+            assert report.completed, report.summary()
+            assert states(src) == ["setup", "UNPLUG_PRIMARY", "wait-unplug", "active", "completed"]
+            assert report.total_time_ms and report.total_time_ms > 0
+            assert report.downtime_ms is not None and report.wait_unplug_s is not None
+            target_events = [
+                e.name for e in dst.qmp.events if e.name in ("FAILOVER_NEGOTIATED", "RESUME")
+            ]
+            assert target_events[:2] == ["FAILOVER_NEGOTIATED", "RESUME"]
+            assert report.primary_plugged_before_resume
+            assert "primary0" in await dst.qmp.visible_device_ids()
+            assert lab.timeline.find("controller", "announce-self") is not None
+
+            # The guest, now on the target, enslaves the target's primary again.
+            await wait_primary_enslaved(dst.console, timeout=30)
+            settled = (await read_pings(dst.console)).last_seq
+            await asyncio.sleep(2)
+            record = await stop_pinging(dst.console)
+            windows = record.windows()
+            lab.timeline.add(
+                "guest",
+                "ping",
+                f"{len(windows)} loss window(s) {[round(w.seconds, 2) for w in windows]}, "
+                f"longest gap {record.longest_gap:.2f} s",
+            )
+            print(lab.timeline.table())
+            assert record.last_seq >= settled + 30, "replies resumed and kept coming"
+            assert all(w.first_seq > before.last_seq for w in windows), "nothing lost before"
+            assert all(w.last_seq < settled for w in windows), "nothing lost once settled"
+            # Primary leaving the source, switch-over, primary joining on the target.
+            assert len(windows) <= 3, windows
+            assert src.backend is not None and dst.backend is not None
+            assert [e.kind for e in src.backend.events()].count("announced") >= 1
+            assert [e.kind for e in dst.backend.events()].count("announced") >= 1
+
+    run(scenario(), timeout=300)
+
+
+def test_migration_cancelled_in_wait_unplug_gives_the_primary_back() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            # Native PCIe hotplug: the guest ejects 5 s after the request, so the
+            # controller's 1.5 s deadline cancels while QEMU is in wait-unplug.
+            src, dst = await booted_pair(lab, acpi_hotplug=False)
+            with pytest.raises(MigrationError) as raised:
+                await migration(lab, src, dst, wait_unplug_timeout=1.5).run()
+            report = raised.value.report
+            assert report is not None
+            assert report.status == "cancelled", report.summary()
+            assert states(src) == [
+                "setup",
+                "UNPLUG_PRIMARY",
+                "wait-unplug",
+                "cancelling",
+                "cancelled",
+            ]
+            assert any("did not release the primary" in p for p in report.problems)
+            assert report.source_primary_back is True
+            assert await src.qmp.run_state() == "running"
+            # And in the guest, the primary is still (again) enslaved with its link up.
+            await wait_primary_enslaved(src.console, timeout=30)
+            out = await src.console.check(f"ping -c 3 -i 0.1 -W 2 {lab.host_address}")
+            assert "3 packets received" in out
+
+    run(scenario())
+
+
+def test_a_guest_that_never_releases_the_primary_cannot_stall_the_migration() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            # The guest ignores hotplug requests (no ACPI hotplug driver): QEMU alone
+            # would sit in wait-unplug forever.
+            src, dst = await booted_pair(lab, guest_ignores_unplug=True)
+            with pytest.raises(MigrationError) as raised:
+                await migration(lab, src, dst, wait_unplug_timeout=2, cancel_timeout=45).run()
+            report = raised.value.report
+            assert report is not None
+            assert report.status == "cancelled", report.summary()
+            assert report.wait_unplug_s is not None and 2 <= report.wait_unplug_s < 10
+            assert any("did not release the primary within 2 s" in p for p in report.problems)
+            assert report.source_primary_back is True
+            assert await src.qmp.run_state() == "running"
+            await wait_primary_enslaved(src.console)
+            out = await src.console.check(f"ping -c 3 -i 0.1 -W 2 {lab.host_address}")
+            assert "3 packets received" in out
+
+    run(scenario(), timeout=300)
+
+
+def test_target_killed_mid_migration_leaves_the_source_running_with_its_primary() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            src, dst = await booted_pair(lab)
+            mark = src.qmp.mark()
+
+            async def kill_target_when_active() -> None:
+                await src.qmp.wait_event(
+                    "MIGRATION",
+                    since=mark,
+                    match=lambda e: e.data["status"] == "active",
+                    timeout=60,
+                )
+                await dst.vm.kill()
+
+            killer = asyncio.create_task(kill_target_when_active())
+            with pytest.raises(MigrationError) as raised:
+                await migration(lab, src, dst).run()
+            await killer
+            report = raised.value.report
+            assert report is not None
+            assert report.status == "failed", report.summary()
+            assert report.source_primary_back is True
+            assert await src.qmp.run_state() == "running"
+            await wait_primary_enslaved(src.console, timeout=30)
+
+    run(scenario())
+
+
+def test_source_killed_mid_migration_is_reported_not_waited_for() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            src, dst = await booted_pair(lab)
+            mark = src.qmp.mark()
+
+            async def kill_source_when_active() -> None:
+                await src.qmp.wait_event(
+                    "MIGRATION",
+                    since=mark,
+                    match=lambda e: e.data["status"] == "active",
+                    timeout=60,
+                )
+                await src.vm.kill()
+
+            killer = asyncio.create_task(kill_source_when_active())
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(MigrationError, match="source") as raised:
+                await migration(lab, src, dst).run()
+            await killer
+            assert asyncio.get_running_loop().time() - started < 60
+            report = raised.value.report
+            assert report is not None
+            assert "the source QEMU is gone" in report.problems
+
+    run(scenario())
+
+
+def test_a_target_whose_backend_is_not_running_is_refused_before_anything_moves() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            src, dst = await booted_pair(lab)
+            assert dst.backend is not None
+            await asyncio.to_thread(dst.backend.stop)
+            mark = src.qmp.mark()
+            with pytest.raises(MigrationError, match="standby backend is not connected") as raised:
+                await migration(lab, src, dst).run()
+            report = raised.value.report
+            assert report is not None and report.status == "not-started"
+            assert src.qmp.events_named("MIGRATION", mark) == [], "nothing was started"
+            assert await src.qmp.run_state() == "running"
+            primary = Primary(src.qmp, config=_primary_config())
+            assert await primary.visible()
+            slaves = {d.driver for d in (await netdevs(src.console)).values() if d.master}
+            assert slaves == {"virtio_net", "e1000e"}
+
+    run(scenario())
+
+
+def _primary_config() -> Any:
+    from failover_backend.pairing import PrimaryConfig
+
+    return PrimaryConfig("primary0", "e1000e", "root1", "standby0")

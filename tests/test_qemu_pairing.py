@@ -1,0 +1,203 @@
+"""QEMU's failover scenario matrix, on a real guest.
+
+The scenarios of QEMU's own failover qtest (tests/qtest/virtio-net-failover.c),
+ported to a Linux guest with net_failover, this project's backend as the standby's
+datapath and an emulated e1000e as the primary. Each test checks what QEMU says
+(events, PCI visibility) and what the guest sees (who is enslaved to the failover
+master), and that traffic flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import run
+from failover_backend.controller import FailoverController
+from failover_backend.errors import MonitorCommandError, PairingError
+from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
+from failover_backend.negotiation import guest_features, wait_negotiated
+from failover_backend.pairing import PrimaryConfig, check_pairing
+from failover_backend.primary import Primary
+from failover_backend.standby import attach_standby
+from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved
+
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
+
+
+def primary_config(bus: str = "root1", **changes: object) -> PrimaryConfig:
+    fields: dict[str, object] = {
+        "device_id": "primary0",
+        "driver": "e1000e",
+        "bus": bus,
+        "pair_id": "standby0",
+        "mac": GUEST_MAC,
+        "properties": {"netdev": "hostnet0", "romfile": ""},
+    }
+    fields.update(changes)
+    return PrimaryConfig(**fields)  # type: ignore[arg-type]
+
+
+async def wait_master(vm: LabVM, timeout: float = 10.0) -> str:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (found := masters(await netdevs(vm.console))):
+        assert asyncio.get_running_loop().time() < deadline, "no failover master appeared"
+        await asyncio.sleep(0.2)
+    (master,) = found
+    return master
+
+
+async def ping_host(lab: Lab, console_vm_name: str = "vm", count: int = 5) -> None:
+    vm = next(v for v in lab.vms if v.name == console_vm_name)
+    out = await vm.console.check(f"ping -c {count} -i 0.1 -W 2 {lab.host_address}")
+    assert f"{count} packets received" in out, out
+
+
+def test_standby_alone_negotiates_and_carries_traffic() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", primary=False)
+            controller = FailoverController(vm.qmp, "standby0", backend=vm.backend)
+            await controller.start()
+            assert await vm.boot() != "", "the guest created a failover master"
+            await controller.wait_negotiated(timeout=30)
+            devs = await netdevs(vm.console)
+            assert set(slaves_by_driver(devs)) == {"virtio_net"}, devs
+            assert "VIRTIO_NET_F_STANDBY" in await guest_features(vm.qmp, "standby0")
+            await ping_host(lab)
+            assert vm.backend is not None
+            stats = vm.backend.stats()
+            assert stats.tx_packets >= 5 and stats.rx_packets >= 5, stats
+            # QEMU found no primary to plug; the controller says so, and so does QEMU.
+            await controller.wait_warning("has no primary", timeout=5)
+            assert any("Primary device not found" in w for w in vm.vm.warnings())
+            await controller.stop()
+
+    run(scenario())
+
+
+def test_primary_at_startup_is_hidden_until_negotiation_then_enslaved() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm")
+            primary = Primary(vm.qmp, primary_config())
+            # The guest is still booting: QEMU has not even created the primary.
+            assert not await primary.exists()
+            assert await check_pairing(vm.qmp, "standby0") == []
+            event = await wait_negotiated(vm.qmp, "standby0", timeout=60)
+            assert event is not None and event.data == {"device-id": "standby0"}
+            assert await primary.exists()
+            await vm.boot()
+            assert await primary.visible()
+            slave = await wait_primary_enslaved(vm.console)
+            devs = await netdevs(vm.console)
+            assert set(slaves_by_driver(devs)) == {"virtio_net", "e1000e"}
+            assert masters(devs) == {slave.master}
+            await ping_host(lab)
+
+    run(scenario())
+
+
+def test_primary_hotplugged_after_negotiation_is_enslaved() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", primary=False)
+            await vm.boot()
+            await wait_negotiated(vm.qmp, "standby0", timeout=30)
+            spec = lab.primary()
+            primary = Primary(vm.qmp, primary_config(), netdev=spec.netdev_args())
+            assert await primary.plug() == "visible"
+            await wait_primary_enslaved(vm.console)
+            await ping_host(lab)
+
+    run(scenario())
+
+
+def test_standby_hotplugged_into_a_running_vm_then_the_primary() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", standby=False, primary=False)
+            assert await vm.boot() == "", "no NIC yet, so no failover master"
+            controller = FailoverController(vm.qmp, "standby0")
+            await controller.start()
+            backend = lab.backend("hotplugged")
+            mark = vm.qmp.mark()
+            bus = await attach_standby(
+                vm.qmp,
+                device_id="standby0",
+                socket_path=backend.socket_path,
+                mac=GUEST_MAC,
+                legacy_interrupts=True,
+            )
+            assert bus == "root1", "the first free root port"
+            await wait_negotiated(vm.qmp, "standby0", timeout=30, since=mark)
+            await controller.wait_warning("has no primary", timeout=5)
+            # The guest's init ran before there was a NIC: bring the new master up.
+            master = await wait_master(vm)
+            await vm.console.check(f"ip addr add {lab.guest_address} dev {master}")
+            await vm.console.check(f"ip link set {master} up")
+            await vm.console.check(
+                f"for i in $(seq 50); do [ $(cat /sys/class/net/{master}/carrier) = 1 ] && exit 0;"
+                " sleep 0.1; done; exit 1"
+            )
+            await ping_host(lab)
+
+            primary = Primary(
+                vm.qmp, primary_config(bus="root2"), netdev=lab.primary().netdev_args()
+            )
+            assert await primary.plug() == "visible"
+            assert (await wait_primary_enslaved(vm.console)).master == master
+            await ping_host(lab)
+            await controller.stop()
+
+    run(scenario())
+
+
+def test_failover_off_shows_both_devices_unpaired() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", failover=False)
+            # Without failover=on nothing hides the primary.
+            assert await Primary(vm.qmp, primary_config()).exists()
+            assert await vm.boot() == "", "no failover master in the guest"
+            assert "primary0" in await vm.qmp.visible_device_ids()
+            devs = await netdevs(vm.console)
+            drivers = {d.driver for d in devs.values()}
+            assert {"virtio_net", "e1000e"} <= drivers, devs
+            assert masters(devs) == set()
+            violations = await check_pairing(vm.qmp, "standby0", primary_config())
+            assert [v.rule for v in violations] == ["standby-failover-on"]
+
+    run(scenario())
+
+
+def test_pairing_errors_are_reported_by_rule_before_qemu_sees_them() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", primary=False)
+            await vm.qmp.execute("netdev_add", lab.primary().netdev_args())
+            bad = primary_config(bus="pcie.0", device_id="", mac="52:54:00:00:00:99")
+            rules = {v.rule for v in await check_pairing(vm.qmp, "standby0", bad)}
+            assert rules == {"primary-has-id", "primary-on-hotplug-port", "same-mac"}
+            with pytest.raises(PairingError) as raised:
+                await Primary(vm.qmp, bad).plug()
+            assert len(raised.value.violations) == 3
+            assert "primary0" not in await vm.qmp.visible_device_ids()
+
+            # The same mistakes, straight to QEMU, are refused there too.
+            pcie0 = primary_config(bus="pcie.0").device_add_args()
+            with pytest.raises(MonitorCommandError, match="does not support hotplugging"):
+                await vm.qmp.execute("device_add", pcie0)
+            no_id = primary_config().device_add_args()
+            del no_id["id"]
+            with pytest.raises(MonitorCommandError, match="needs to have id"):
+                await vm.qmp.execute("device_add", no_id)
+            not_a_nic = primary_config(driver="virtio-blk-pci", properties={})
+            assert "primary-is-ethernet" in {
+                v.rule for v in await check_pairing(vm.qmp, "standby0", not_a_nic)
+            }
+            missing = await check_pairing(vm.qmp, "nosuchstandby", primary_config())
+            assert missing[0].rule == "standby-exists"
+
+    run(scenario())
