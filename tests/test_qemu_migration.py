@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import run
-from failover_backend.errors import MigrationError
+from failover_backend.errors import MigrationError, UnplugTimeout
 from failover_backend.lab.scenario import Lab, LabVM
 from failover_backend.lab.traffic import read_pings, start_pinging, stop_pinging
 from failover_backend.migration import Migration, MigrationOptions
@@ -167,6 +167,9 @@ def test_a_guest_that_never_releases_the_primary_cannot_stall_the_migration() ->
             await wait_primary_enslaved(src.console)
             out = await src.console.check(f"ping -c 3 -i 0.1 -W 2 {lab.host_address}")
             assert "3 packets received" in out
+            # Plain unplugs get the same deadline.
+            with pytest.raises(UnplugTimeout, match="did not release primary0 within 2 s"):
+                await Primary(src.qmp, _primary_config()).unplug(deadline=2)
 
     run(scenario(), timeout=300)
 

@@ -15,13 +15,13 @@ import pytest
 
 from conftest import run
 from failover_backend.controller import FailoverController
-from failover_backend.errors import MonitorCommandError, PairingError
+from failover_backend.errors import MonitorCommandError, NegotiationTimeout, PairingError
 from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
 from failover_backend.negotiation import guest_features, wait_negotiated
 from failover_backend.pairing import PrimaryConfig, check_pairing
 from failover_backend.primary import Primary
-from failover_backend.standby import attach_standby
-from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved
+from failover_backend.standby import attach_standby, detach_standby
+from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved, wait_primary_gone
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
 
@@ -111,6 +111,15 @@ def test_primary_hotplugged_after_negotiation_is_enslaved() -> None:
             await wait_primary_enslaved(vm.console)
             await ping_host(lab)
 
+            # Unplug waits for the guest's eject; replug brings it back with its id.
+            deleted = await primary.unplug(deadline=20)
+            assert deleted.data["device"] == "primary0"
+            await wait_primary_gone(vm.console)
+            await ping_host(lab)  # the standby carries the traffic meanwhile
+            assert await primary.plug() == "visible"
+            await wait_primary_enslaved(vm.console)
+            await ping_host(lab)
+
     run(scenario())
 
 
@@ -149,7 +158,26 @@ def test_standby_hotplugged_into_a_running_vm_then_the_primary() -> None:
             assert await primary.plug() == "visible"
             assert (await wait_primary_enslaved(vm.console)).master == master
             await ping_host(lab)
+
+            # And out again: the device, its netdev and chardev; the backend is free.
+            await detach_standby(vm.qmp, "standby0")
+            assert "standby0" not in await vm.qmp.visible_device_ids()
+            assert await backend.wait_state(["listening"], 10) == "listening"
             await controller.stop()
+
+    run(scenario())
+
+
+def test_a_guest_without_net_failover_never_gets_the_primary() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            # virtio_net needs net_failover: with it refused, nothing negotiates STANDBY.
+            vm = await lab.vm("vm", kernel_args=["module_blacklist=net_failover"])
+            assert await vm.boot() == ""
+            with pytest.raises(NegotiationTimeout, match="no net_failover in the guest"):
+                await wait_negotiated(vm.qmp, "standby0", timeout=5)
+            assert not await Primary(vm.qmp, primary_config()).exists(), "still hidden"
+            assert vm.qmp.events_named("FAILOVER_NEGOTIATED") == []
 
     run(scenario())
 

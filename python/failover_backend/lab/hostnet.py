@@ -55,6 +55,7 @@ class HostNetwork:
             subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
         self.subnet = ipaddress.ip_network(subnet)
         self.bridge = unique_name("fbbr")
+        self.bridge_mac = "02:fb:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(4))
         self._devices: list[str] = []
 
     @property
@@ -69,6 +70,10 @@ class HostNetwork:
         _ip("link", "add", self.bridge, "type", "bridge")
         self._devices.append(self.bridge)
         try:
+            # A bridge takes the lowest MAC of its ports unless given one: a port
+            # added later (a new primary's TAP) would change the address guests have
+            # in their ARP caches.
+            _ip("link", "set", self.bridge, "address", self.bridge_mac)
             _quiet(self.bridge)
             _ip("addr", "add", f"{self.host_address}/{self.subnet.prefixlen}", "dev", self.bridge)
             _ip("link", "set", self.bridge, "up")

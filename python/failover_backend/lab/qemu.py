@@ -106,6 +106,8 @@ class VmConfig:
     #: it rescans its PCI buses.
     guest_ignores_unplug: bool = False
     accel: str = "tcg"
+    #: Extra guest kernel parameters (``module_blacklist=...``).
+    kernel_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
 
     @property
@@ -136,6 +138,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
     ]
     if config.guest_ignores_unplug:
         kernel_args.append("acpiphp.disable=1")
+    kernel_args += config.kernel_args
     argv = [
         QEMU_BINARY,
         "-name",

@@ -137,24 +137,35 @@ class Lab:
         guest_ignores_unplug: bool = False,
         primary_kwargs: dict[str, Any] | None = None,
         extra_args: list[str] | None = None,
+        kernel_args: list[str] | None = None,
+        standby_socket: Path | None = None,
+        connect_qmp: bool = True,
     ) -> LabVM:
-        """Start a QEMU (and its standby backend) and connect to its QMP."""
+        """Start a QEMU (and its standby backend) and connect to its QMP.
+
+        :param standby_socket: Serve the standby from a backend that already listens
+            there (``run`` in another process) instead of one of the lab's.
+        :param connect_qmp: Leave both QMP sockets to others (``run`` on the first,
+            ``migrate``/``status`` on the second); the VM's session stays unconnected.
+        """
         assert self.image is not None
-        backend = self.backend(name) if standby else None
+        backend = self.backend(name) if standby and standby_socket is None else None
+        socket = standby_socket or (Path(backend.socket_path) if backend else None)
         primary_spec = self.primary(**(primary_kwargs or {})) if primary else None
         config = VmConfig(
             name=name,
             workdir=self.workdir,
             image=self.image,
             guest_address=self.guest_address,
-            standby=StandbySpec(Path(backend.socket_path), GUEST_MAC, failover=failover)
-            if backend is not None
+            standby=StandbySpec(socket, GUEST_MAC, failover=failover)
+            if standby and socket is not None
             else None,
             primary=primary_spec,
             incoming=incoming,
             acpi_hotplug=acpi_hotplug,
             guest_ignores_unplug=guest_ignores_unplug,
             accel=self.accel,
+            kernel_args=kernel_args or [],
             extra_args=extra_args or [],
         )
         vm = QemuVM(config)
@@ -162,7 +173,8 @@ class Lab:
         lab_vm = LabVM(name, vm, qmp, backend, primary_spec)
         self.vms.append(lab_vm)
         await vm.start()
-        await qmp.connect(config.qmp_path)
+        if connect_qmp:
+            await qmp.connect(config.qmp_path)
         return lab_vm
 
     def backend_events_to_timeline(self) -> None:

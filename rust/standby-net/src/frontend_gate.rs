@@ -76,6 +76,7 @@ pub struct FrontendGate {
     requests: Option<JoinHandle<()>>,
     replies: Option<JoinHandle<()>>,
     frontend: UnixStream,
+    handler: UnixStream,
 }
 
 impl FrontendGate {
@@ -91,6 +92,7 @@ impl FrontendGate {
             reply_ack: false,
             early_enables: BTreeMap::new(),
         };
+        let handler_for_shutdown = handler.try_clone()?;
         let replies = Replies {
             handler,
             frontend: frontend_writer,
@@ -105,25 +107,30 @@ impl FrontendGate {
             requests: Some(requests),
             replies: Some(replies),
             frontend,
+            handler: handler_for_shutdown,
         })
     }
 
-    /// Close the frontend's side; both threads end.
-    pub fn shutdown(&self) {
-        let _ = self.frontend.shutdown(Shutdown::Both);
+    /// End a connection the handler has closed: its last reply (a NACK, say) still
+    /// reaches the frontend before the frontend's side closes.
+    pub fn finish(mut self) {
+        if let Some(replies) = self.replies.take() {
+            let _ = replies.join();
+        }
+        // Drop closes the rest.
     }
 }
 
 impl Drop for FrontendGate {
-    /// Call once the handler's side is closed: its last reply (a NACK, say) still
-    /// reaches the frontend before the frontend's side closes.
+    /// Close both sides; both threads end.
     fn drop(&mut self) {
-        if let Some(replies) = self.replies.take() {
-            let _ = replies.join();
-        }
-        self.shutdown();
-        if let Some(requests) = self.requests.take() {
-            let _ = requests.join();
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        let _ = self.handler.shutdown(Shutdown::Both);
+        for thread in [self.replies.take(), self.requests.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = thread.join();
         }
     }
 }

@@ -445,7 +445,7 @@ fn serve_one(
     let result = daemon.wait();
     lock(&shared.connection).take();
     // The handler's side is closed: the gate passes its last reply on, then closes.
-    drop(gate);
+    gate.finish();
     let reason = match result {
         Ok(()) => None,
         Err(vhost_user_backend::Error::HandleRequest(
