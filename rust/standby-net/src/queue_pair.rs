@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
 
 use crate::port::{GuestFrame, Port, SharedPort, TxOutcome};
 use crate::stats::{CounterDelta, DeviceCounters};
@@ -127,6 +127,38 @@ pub struct LinkParams {
     pub mergeable_rx: bool,
 }
 
+fn ring_error(queue: u16) -> impl Fn(virtio_queue::Error) -> QueueError + Copy {
+    move |source| QueueError::RingAccess { queue, source }
+}
+
+/// The vring's queue, once its rings are checked to lie in guest memory.
+fn valid_queue<'s>(
+    state: &'s mut VringState<GuestMemoryAtomic<GuestMemory>>,
+    mem: &GuestMemory,
+    queue: u16,
+) -> Result<&'s mut Queue, QueueError> {
+    let ring = state.get_queue_mut();
+    if ring.is_valid(mem) {
+        Ok(ring)
+    } else {
+        Err(QueueError::RingOutsideGuestMemory { queue })
+    }
+}
+
+/// Interrupt the guest when the pass completed something it wants to hear about.
+fn signal_if(
+    notify: bool,
+    state: &VringState<GuestMemoryAtomic<GuestMemory>>,
+    errors: &mut ErrorLog,
+    queue: u16,
+) {
+    if notify {
+        if let Err(e) = state.signal_used_queue() {
+            errors.error(queue, &format!("cannot signal the guest: {e}"));
+        }
+    }
+}
+
 fn queue_usable(vring: &Vring) -> bool {
     let state = vring.get_ref();
     state.is_enabled() && state.get_queue().ready()
@@ -197,16 +229,9 @@ impl TxVirtio {
         if !queue_usable(vring) {
             return Ok(TxProgress::default());
         }
-        let queue_index = self.queue;
-        let ring_error = |source| QueueError::RingAccess {
-            queue: queue_index,
-            source,
-        };
+        let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let queue: &mut Queue = state.get_queue_mut();
-        if !queue.is_valid(mem) {
-            return Err(QueueError::RingOutsideGuestMemory { queue: queue_index });
-        }
+        let queue = valid_queue(&mut state, mem, self.queue)?;
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
         self.used.begin(queue);
@@ -261,12 +286,7 @@ impl TxVirtio {
             }
         }
         let notify = self.used.finish(queue, mem).map_err(ring_error)?;
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                self.errors
-                    .error(self.queue, &format!("cannot signal the guest: {e}"));
-            }
-        }
+        signal_if(notify, &state, &mut self.errors, self.queue);
         progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
         Ok(progress)
@@ -438,16 +458,9 @@ impl RxVirtio {
         if !queue_usable(vring) {
             return Ok(RxProgress::default());
         }
-        let queue_index = self.queue;
-        let ring_error = |source| QueueError::RingAccess {
-            queue: queue_index,
-            source,
-        };
+        let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let queue: &mut Queue = state.get_queue_mut();
-        if !queue.is_valid(mem) {
-            return Err(QueueError::RingOutsideGuestMemory { queue: queue_index });
-        }
+        let queue = valid_queue(&mut state, mem, self.queue)?;
         let queue_size = queue.size();
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();
@@ -498,12 +511,7 @@ impl RxVirtio {
             queue.disable_notification(mem).map_err(ring_error)?;
         }
         let notify = self.used.finish(queue, mem).map_err(ring_error)?;
-        if notify {
-            if let Err(e) = state.signal_used_queue() {
-                self.errors
-                    .error(self.queue, &format!("cannot signal the guest: {e}"));
-            }
-        }
+        signal_if(notify, &state, &mut self.errors, self.queue);
         progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
         Ok(progress)
