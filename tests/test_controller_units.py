@@ -176,11 +176,11 @@ class FakeMonitor:
             return [{"name": "netdev"}]
         return {}
 
-    async def wait_event(self, name: str, *, since: int, match: Any, timeout: float) -> QmpEvent:
+    async def wait_device_deleted(self, device_id: str, *, since: int, timeout: float) -> QmpEvent:
         for event in self.events[since:]:
-            if event.name == name and match(event):
+            if event.name == "DEVICE_DELETED" and event.data.get("device") == device_id:
                 return event
-        raise TimeoutError(name)
+        raise TimeoutError(device_id)
 
 
 def test_a_half_unplugged_primary_is_deleted_and_added_again_with_the_same_id() -> None:

@@ -18,8 +18,8 @@ from failover_backend.errors import MigrationError, UnplugTimeout
 from failover_backend.lab.scenario import Lab, LabVM
 from failover_backend.lab.traffic import read_pings, start_pinging, stop_pinging
 from failover_backend.migration import Migration, MigrationOptions
+from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
-from failover_backend.qmp import QmpEvent
 from failover_backend.steering import announce_burst
 from guest import netdevs, wait_primary_enslaved
 
@@ -59,8 +59,15 @@ def migration(lab: Lab, src: LabVM, dst: LabVM, **options: Any) -> Migration:
     )
 
 
-def is_active(event: QmpEvent) -> bool:
-    return event.data.get("status") == "active"
+async def kill_when_active(source: LabVM, victim: LabVM, since: int) -> None:
+    """Kill ``victim``'s QEMU once the source's migration is copying memory."""
+    await source.qmp.wait_event(
+        "MIGRATION",
+        since=since,
+        match=lambda e: e.data.get("status") == "active",
+        timeout=60,
+    )
+    await victim.vm.kill()
 
 
 def states(vm: LabVM) -> list[str]:
@@ -180,16 +187,7 @@ def test_target_killed_mid_migration_leaves_the_source_running_with_its_primary(
             src, dst = await booted_pair(lab)
             mark = src.qmp.mark()
 
-            async def kill_target_when_active() -> None:
-                await src.qmp.wait_event(
-                    "MIGRATION",
-                    since=mark,
-                    match=lambda e: e.data["status"] == "active",
-                    timeout=60,
-                )
-                await dst.vm.kill()
-
-            killer = asyncio.create_task(kill_target_when_active())
+            killer = asyncio.create_task(kill_when_active(src, dst, since=mark))
             with pytest.raises(MigrationError) as raised:
                 await migration(lab, src, dst).run()
             await killer
@@ -209,16 +207,7 @@ def test_source_killed_mid_migration_is_reported_not_waited_for() -> None:
             src, dst = await booted_pair(lab)
             mark = src.qmp.mark()
 
-            async def kill_source_when_active() -> None:
-                await src.qmp.wait_event(
-                    "MIGRATION",
-                    since=mark,
-                    match=lambda e: e.data["status"] == "active",
-                    timeout=60,
-                )
-                await src.vm.kill()
-
-            killer = asyncio.create_task(kill_source_when_active())
+            killer = asyncio.create_task(kill_when_active(src, src, since=mark))
             started = asyncio.get_running_loop().time()
             with pytest.raises(MigrationError, match="source") as raised:
                 await migration(lab, src, dst).run()
@@ -252,7 +241,5 @@ def test_a_target_whose_backend_is_not_running_is_refused_before_anything_moves(
     run(scenario())
 
 
-def _primary_config() -> Any:
-    from failover_backend.pairing import PrimaryConfig
-
+def _primary_config() -> PrimaryConfig:
     return PrimaryConfig("primary0", "e1000e", "root1", "standby0")

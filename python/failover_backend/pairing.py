@@ -92,21 +92,23 @@ async def peripheral_ids(qmp: QmpSession) -> list[str]:
     return [c["name"] for c in children if str(c.get("type", "")).startswith("child<")]
 
 
+async def _peripherals_where(qmp: QmpSession, prop: str, value: Any) -> list[str]:
+    """Ids of the realized devices whose QOM property ``prop`` equals ``value``."""
+    return [
+        device_id
+        for device_id in await peripheral_ids(qmp)
+        if await _prop(qmp, f"{PERIPHERAL}/{device_id}", prop) == value
+    ]
+
+
 async def find_primary(qmp: QmpSession, standby_id: str) -> str | None:
     """The realized device that names ``standby_id`` as its pair, if any."""
-    for device_id in await peripheral_ids(qmp):
-        if await _prop(qmp, f"{PERIPHERAL}/{device_id}", "failover_pair_id") == standby_id:
-            return device_id
-    return None
+    paired = await _peripherals_where(qmp, "failover_pair_id", standby_id)
+    return paired[0] if paired else None
 
 
 async def _devices_on_port(qmp: QmpSession, port: str) -> list[str]:
-    bus_path = f"{PERIPHERAL}/{port}/{port}"
-    found = []
-    for device_id in await peripheral_ids(qmp):
-        if await _prop(qmp, f"{PERIPHERAL}/{device_id}", "parent_bus") == bus_path:
-            found.append(device_id)
-    return found
+    return await _peripherals_where(qmp, "parent_bus", f"{PERIPHERAL}/{port}/{port}")
 
 
 async def _is_network_driver(qmp: QmpSession, driver: str) -> bool:

@@ -130,12 +130,7 @@ class Primary:
         except MonitorCommandError as err:
             raise PrimaryError(f"cannot unplug {self.device_id}: {err.description}") from err
         try:
-            return await self.qmp.wait_event(
-                "DEVICE_DELETED",
-                since=mark,
-                match=lambda e: e.data.get("device") == self.device_id,
-                timeout=deadline,
-            )
+            return await self.qmp.wait_device_deleted(self.device_id, since=mark, timeout=deadline)
         except TimeoutError:
             raise UnplugTimeout(
                 f"the guest did not release {self.device_id} within {deadline:.0f} s; it is "
@@ -162,12 +157,7 @@ class Primary:
             logger.info("device_del %s: %s", self.device_id, err.description)
         if await self.exists():
             try:
-                await self.qmp.wait_event(
-                    "DEVICE_DELETED",
-                    since=mark,
-                    match=lambda e: e.data.get("device") == self.device_id,
-                    timeout=deadline,
-                )
+                await self.qmp.wait_device_deleted(self.device_id, since=mark, timeout=deadline)
             except TimeoutError:
                 raise PrimaryError(
                     f"{self.device_id} cannot be repaired: QEMU did not delete it in "

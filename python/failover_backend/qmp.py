@@ -217,6 +217,18 @@ class QmpSession:
                 return index + 1
         return len(self.events)
 
+    async def wait_device_deleted(self, device_id: str, *, since: int, timeout: float) -> QmpEvent:
+        """DEVICE_DELETED for ``device_id`` (the guest released it, QEMU removed it).
+
+        :raise TimeoutError: When it does not come within ``timeout`` seconds.
+        """
+        return await self.wait_event(
+            "DEVICE_DELETED",
+            since=since,
+            match=lambda e: e.data.get("device") == device_id,
+            timeout=timeout,
+        )
+
     def events_named(self, name: str, since: int = 0) -> list[QmpEvent]:
         return [e for e in self.events[since:] if e.name == name]
 

@@ -128,12 +128,7 @@ async def detach_standby(qmp: QmpSession, device_id: str, deadline: float = 10.0
     mark = qmp.mark()
     await qmp.execute("device_del", {"id": device_id})
     try:
-        await qmp.wait_event(
-            "DEVICE_DELETED",
-            since=mark,
-            match=lambda e: e.data.get("device") == device_id,
-            timeout=deadline,
-        )
+        await qmp.wait_device_deleted(device_id, since=mark, timeout=deadline)
     except TimeoutError:
         raise PrimaryError(
             f"the guest did not release standby {device_id} within {deadline:.0f} s"

@@ -37,9 +37,6 @@ class Timeline:
         """The first entry from ``source`` about ``what``."""
         return next((e for e in self.entries if e.source == source and e.what == what), None)
 
-    def seconds_between(self, first: TimelineEntry, then: TimelineEntry) -> float:
-        return then.time - first.time
-
     def table(self) -> str:
         """The entries as an aligned table, times relative to the first entry."""
         entries = self.entries
