@@ -102,7 +102,7 @@ def test_serve_carries_traffic_and_stops_cleanly_on_sigterm(
 
     assert serve.returncode == 0, err
     assert out.splitlines()[0] == (
-        f"QEMU arguments: -chardev socket,id=chr-standby0,path={socket} "
+        f"QEMU arguments: -chardev socket,id=chr-standby0,path={socket},reconnect=1 "
         "-netdev vhost-user,id=standby0,chardev=chr-standby0 "
         "-device virtio-net-pci,netdev=standby0,id=standby0,mac=52:54:00:aa:bb:cc,failover=on"
     )

@@ -49,10 +49,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_a_good_config_reads_into_its_sections(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, GOOD))
-    assert config.backend.port == "tap:fbtap0" and config.backend.queues == 1
-    assert config.qemu.standby == "net1"
-    assert config.primary is not None
-    assert config.primary.device_add_args() == {
+    (pair,) = config.pairs
+    assert pair.backend.port == "tap:fbtap0" and pair.backend.queues == 1
+    assert pair.standby == "net1"
+    assert pair.primary is not None
+    assert pair.primary.device_add_args() == {
         "driver": "vfio-pci",
         "id": "hostdev0",
         "bus": "root1",
@@ -61,6 +62,54 @@ def test_a_good_config_reads_into_its_sections(tmp_path: Path) -> None:
         "host": "0000:3b:00.1",
     }
     assert config.timeouts.negotiation == 30.0 and config.timeouts.unplug == 10.0
+    assert config.timeouts.wait_unplug == 30.0
+
+
+PAIRS = """
+[qemu]
+qmp = "/run/vm1/qmp.sock"
+
+[[pair]]
+standby = "standby0"
+backend = { socket = "/run/fb/vm1-0.sock", port = "tap:fb0", mac = "52:54:00:12:34:56" }
+primary = { id = "hostdev0", bus = "root1", properties = { host = "0000:3b:00.1" } }
+
+[[pair]]
+standby = "standby1"
+backend = { socket = "/run/fb/vm1-1.sock", port = "tap:fb1", mac = "52:54:00:12:34:57" }
+
+[timeouts]
+wait_unplug = 5
+"""
+
+
+def test_several_pairs_of_one_vm(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, PAIRS))
+    assert [p.standby for p in config.pairs] == ["standby0", "standby1"]
+    first, second = config.pairs
+    assert first.primary is not None and first.primary.pair_id == "standby0"
+    assert first.primary.mac == "52:54:00:12:34:56", "the pair's MAC"
+    assert second.primary is None and second.backend.port == "tap:fb1"
+    assert config.timeouts.wait_unplug == 5.0
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "says"),
+    [
+        (('port = "tap:fb1"', 'port = "tap:fb0"'), "pair[1].backend.port", "already pair[0]"),
+        (('"standby1"', '"standby0"'), "pair[1].standby", "already pair[0]"),
+        (("[[pair]]", "[backend]\nsocket = 'x'\n[[pair]]"), "backend", "do not mix"),
+        (('mac = "52:54:00:12:34:57"', 'mac = "nope"'), "pair[1].backend.mac", "unicast"),
+        (('standby = "standby1"\n', ""), "pair[1].standby", "missing"),
+    ],
+)
+def test_pair_errors_name_the_pair_and_the_field(
+    tmp_path: Path, change: tuple[str, str], field: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, PAIRS.replace(*change, 1)))
+    assert raised.value.field == field, raised.value
+    assert says in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +118,8 @@ def test_a_good_config_reads_into_its_sections(tmp_path: Path) -> None:
         (('port = "tap:fbtap0"', 'port = "udp:1"'), "backend.port", '"tap:NAME"'),
         (('mac = "52:54:00:12:34:56"', 'mac = "01:00:5e:00:00:01"'), "backend.mac", "unicast"),
         (('socket = "/run/fb/vm1.sock"\n', ""), "backend.socket", "missing; add it"),
-        (('standby = "net1"', "standby = 3"), "qemu.standby", "expected a str"),
+        (('standby = "net1"', "standby = 3"), "qemu.standby", "expected a string"),
+        (("negotiation = 30", "negotiation = true"), "timeouts.negotiation", "a number"),
         (("negotiation = 30", "negotiation = -1"), "timeouts.negotiation", "positive"),
         (('bus = "root1"', 'bus = "root1"\nbsu = "x"'), "primary.bsu", "unknown key"),
         (("[timeouts]", "[timeout]"), "timeout", "unknown table"),

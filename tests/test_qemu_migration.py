@@ -20,7 +20,6 @@ from failover_backend.lab.traffic import read_pings, start_pinging, stop_pinging
 from failover_backend.migration import Migration, MigrationOptions
 from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
-from failover_backend.steering import announce_burst
 from guest import netdevs, wait_primary_enslaved
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
@@ -40,22 +39,13 @@ async def booted_pair(lab: Lab, **machine: Any) -> tuple[LabVM, LabVM]:
 
 
 def migration(lab: Lab, src: LabVM, dst: LabVM, **options: Any) -> Migration:
-    async def steer_source() -> None:
-        assert src.backend is not None
-        await announce_burst(src.backend)
-
-    async def steer_target() -> None:
-        assert dst.backend is not None
-        await announce_burst(dst.backend)
-
+    """The lab's controllers steer each side, as ``run`` would."""
     return Migration(
         src.qmp,
         dst.qmp,
         f"unix:{lab.workdir}/migration.sock",
         MigrationOptions(**options),
         timeline=lab.timeline,
-        on_primary_unplug=steer_source,
-        on_target_resume=steer_target,
     )
 
 

@@ -58,8 +58,7 @@ def test_standby_alone_negotiates_and_carries_traffic() -> None:
     async def scenario() -> None:
         async with Lab() as lab:
             vm = await lab.vm("vm", primary=False)
-            controller = FailoverController(vm.qmp, "standby0", backend=vm.backend)
-            await controller.start()
+            (controller,) = vm.controllers
             assert await vm.boot() != "", "the guest created a failover master"
             await controller.wait_negotiated(timeout=30)
             devs = await netdevs(vm.console)
@@ -72,7 +71,6 @@ def test_standby_alone_negotiates_and_carries_traffic() -> None:
             # QEMU found no primary to plug; the controller says so, and so does QEMU.
             await controller.wait_warning("has no primary", timeout=5)
             assert any("Primary device not found" in w for w in vm.vm.warnings())
-            await controller.stop()
 
     run(scenario())
 

@@ -38,6 +38,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 #: Connection states, as :attr:`StandbyBackend.state` reports them.
 State = Literal["stopped", "listening", "connecting", "connected", "failed"]
 
+#: What steering is told about the guest's primary (see :meth:`StandbyBackend.steer`).
+SteerMode = Literal["off", "standby", "releasing", "plugged", "primary"]
+#: Where steering points the host's switch for the guest's MAC.
+SteerPath = Literal["unknown", "standby", "primary"]
+
 # How long one native wait may hold a worker thread; short, so cancellation is prompt.
 _WAIT_SLICE = 0.1
 
@@ -141,6 +146,26 @@ class Negotiation:
     def has(self, bit_mask: int) -> bool:
         """Whether the frontend acked every bit of ``bit_mask``."""
         return self.acked is not None and self.acked & bit_mask == bit_mask
+
+
+@dataclass(frozen=True)
+class SteeringStatus:
+    """What steering does for this standby (TAP ports only)."""
+
+    mode: SteerMode
+    path: SteerPath
+    """Where the host's switch is steered for the guest's MAC."""
+    probe_mac: str
+    """The source address of probes (their answers come back to it)."""
+    guest_addresses: tuple[str, ...]
+    """IPv4 addresses the guest was seen using (probed besides its link-local address)."""
+    announcements: int
+    probes: int
+    answers: int
+    held_back: int
+    """Frames of the standby's own chatter kept from the switch while a primary is in use."""
+    looped: int
+    """Frames of the guest's own that came back from the switch (not delivered)."""
 
 
 @dataclass(frozen=True)
@@ -369,6 +394,42 @@ class StandbyBackend:
         """
         with _native_errors():
             return self._native.announce(count)
+
+    def steer(self, mode: SteerMode, reason: str = "") -> None:
+        """Tell steering where the guest's primary is; it then keeps the host's switch
+        pointed at the path the guest uses (``failover_backend.steering`` explains
+        the rules):
+
+        - ``standby``: the guest has no primary; announce the standby.
+        - ``releasing``: QEMU asked the guest to release its primary; switch to the
+          standby the moment the guest answers through it.
+        - ``plugged``: a primary was just plugged; the standby carries the traffic
+          until the guest answers through the primary.
+        - ``primary``: the guest uses its primary; keep the standby's own chatter
+          from the switch.
+        - ``off``: do nothing.
+
+        :raise BackendError: When the port reaches no switch (``null``, ``loop``).
+        """
+        with _native_errors():
+            self._native.steer(mode, reason)
+
+    def steering(self) -> SteeringStatus | None:
+        """Steering's state and counters; ``None`` for ports without a switch."""
+        raw = self._native.steering()
+        if raw is None:
+            return None
+        return SteeringStatus(
+            mode=raw["mode"],
+            path=raw["path"],
+            probe_mac=raw["probe_mac"],
+            guest_addresses=tuple(raw["guest_addresses"]),
+            announcements=raw["announcements"],
+            probes=raw["probes"],
+            answers=raw["answers"],
+            held_back=raw["held_back"],
+            looped=raw["looped"],
+        )
 
     def __repr__(self) -> str:
         return (

@@ -1,6 +1,8 @@
 """Command line: ``python -m failover_backend <command>``.
 
-Exit codes: 0 success, 1 runtime failure (the cause is printed), 2 bad arguments.
+Exit codes: 0 success, 1 runtime failure (the cause is printed), 2 bad arguments;
+``run`` also ends with 3 when the VM's incoming migration failed (see
+:mod:`failover_backend.lifecycle`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,9 @@ from pathlib import Path
 
 from .backend import StandbyBackend
 from .config import load_config
-from .demo import demo
 from .errors import ConfigError, FailoverError
-from .remote import MigrateArgs, migrate_command, status_command
-from .run import run_pair
+from .remote import MigrateArgs, cancel_command, migrate_command, status_command
+from .run import run_vm
 from .serve import serve
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -108,22 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_cmd = commands.add_parser(
         "run",
-        help="serve the standby backend and manage one VM's failover pair",
-        description="Serve the standby backend and manage the pair of one VM until stopped.",
+        help="serve the standby backends and manage one VM's failover pairs",
+        description=(
+            "Serve the standby backends and manage the failover pairs of one VM for as "
+            "long as it lives on this host. Exit status: 0 when the VM shut down, "
+            "migrated away or a stop signal came; 1 on a failure (QEMU killed, bad "
+            "pair); 3 when the incoming migration failed."
+        ),
     )
-    run_cmd.add_argument("--config", required=True, type=Path, help="pair configuration (TOML)")
+    run_cmd.add_argument("--config", required=True, type=Path, help="VM configuration (TOML)")
 
     migrate_cmd = commands.add_parser(
         "migrate",
-        help="live-migrate a VM with a failover pair",
-        description="Migrate with the primary unplugged on the source and plugged on the target.",
+        help="live-migrate a VM with its failover pairs",
+        description=(
+            "Migrate with every primary unplugged on the source and plugged on the target."
+        ),
     )
     migrate_cmd.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
     migrate_cmd.add_argument("--target-qmp", required=True, type=Path, help="target QMP socket")
     migrate_cmd.add_argument(
         "--uri", required=True, help="migration URI (unix:PATH, tcp:HOST:PORT)"
     )
-    migrate_cmd.add_argument("--standby", default="standby0", help="standby device id")
     migrate_cmd.add_argument(
         "--wait-unplug-timeout",
         type=_positive,
@@ -136,10 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_cmd.add_argument(
         "--no-announce", action="store_true", help="skip announce-self on the target"
     )
+    migrate_cmd.add_argument(
+        "--force",
+        action="store_true",
+        help="migrate even when a source standby's backend is disconnected (no failover path)",
+    )
 
-    status_cmd = commands.add_parser("status", help="show a VM's failover pair")
+    status_cmd = commands.add_parser(
+        "status",
+        help="show a VM's failover pairs",
+        description="Show the VM's failover pairs; exit 1 when one cannot fail over.",
+    )
     status_cmd.add_argument("--qmp", required=True, type=Path, help="QMP socket")
-    status_cmd.add_argument("--standby", default="standby0", help="standby device id")
+    status_cmd.add_argument("--standby", help="only this standby (default: every pair)")
+    status_cmd.add_argument(
+        "--timeout", type=_positive, default=5.0, help="wait for QEMU this long (default 5 s)"
+    )
+
+    cancel_cmd = commands.add_parser(
+        "cancel",
+        help="cancel a VM's outgoing migration",
+        description=(
+            "Cancel the VM's outgoing migration and follow QEMU until it gave up (in "
+            "wait-unplug QEMU waits up to 30 s for the guest's eject)."
+        ),
+    )
+    cancel_cmd.add_argument("--qmp", required=True, type=Path, help="the source's QMP socket")
+    cancel_cmd.add_argument(
+        "--timeout", type=_positive, default=45.0, help="give up waiting after S (default 45)"
+    )
 
     demo_cmd = commands.add_parser(
         "demo",
@@ -176,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _run_serve(args)
         if args.command == "run":
-            return asyncio.run(run_pair(load_config(args.config)))
+            return asyncio.run(run_vm(load_config(args.config)))
         if args.command == "migrate":
             return asyncio.run(
                 migrate_command(
@@ -184,16 +216,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         source_qmp=args.source_qmp,
                         target_qmp=args.target_qmp,
                         uri=args.uri,
-                        standby=args.standby,
                         wait_unplug_timeout=args.wait_unplug_timeout,
                         timeout=args.timeout,
                         announce=not args.no_announce,
+                        force=args.force,
                     )
                 )
             )
         if args.command == "status":
-            return asyncio.run(status_command(args.qmp, args.standby))
+            return asyncio.run(status_command(args.qmp, args.standby, args.timeout))
+        if args.command == "cancel":
+            return asyncio.run(cancel_command(args.qmp, args.timeout))
         if args.command == "demo":
+            from .demo import demo  # the lab is big; only the demo needs it
+
             return asyncio.run(demo(keep=args.keep, accel="kvm" if args.kvm else "tcg"))
     except ConfigError as err:
         if err.source is not None:

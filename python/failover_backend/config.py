@@ -1,6 +1,7 @@
-"""The pair configuration ``python -m failover_backend run --config PAIR.toml`` reads.
+"""The configuration ``python -m failover_backend run --config VM.toml`` reads: one VM,
+and the failover pairs of it this process serves.
 
-::
+One pair::
 
     # The standby's backend (this process serves it).
     [backend]
@@ -26,7 +27,26 @@
     [timeouts]
     qmp = 60                      # wait this long for QEMU's QMP socket
     negotiation = 120             # for the guest to negotiate STANDBY
-    unplug = 10                   # for the guest to release the primary
+    unplug = 10                   # for the guest to release the primary (repair)
+    wait_unplug = 30              # cancel an outgoing migration held up longer
+
+Several pairs of one VM: no ``[backend]``, ``[primary]`` or ``qemu.standby``, one
+``[[pair]]`` each instead::
+
+    [qemu]
+    qmp = "/run/vm1/qmp.sock"
+
+    [[pair]]
+    standby = "standby0"
+    backend = { socket = "/run/fb/vm1-0.sock", port = "tap:fb0", mac = "52:54:00:12:34:56" }
+    [pair.primary]
+    id = "hostdev0"
+    bus = "root1"
+    properties = { host = "0000:3b:00.1" }
+
+    [[pair]]
+    standby = "standby1"
+    backend = { socket = "/run/fb/vm1-1.sock", port = "tap:fb1", mac = "52:54:00:12:34:57" }
 
 Every error names the file, the field and what to write instead.
 """
@@ -49,6 +69,14 @@ from .pairing import PrimaryConfig
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _PORT = re.compile(r"^(null|loop|tap:[^/\s]{1,15})$")
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    dict: "a table",
+    list: "an array",
+}
 
 
 @dataclass(frozen=True)
@@ -63,7 +91,6 @@ class BackendSection:
 @dataclass(frozen=True)
 class QemuSection:
     qmp: Path
-    standby: str = "standby0"
 
 
 @dataclass(frozen=True)
@@ -71,15 +98,24 @@ class Timeouts:
     qmp: float = 60.0
     negotiation: float = 120.0
     unplug: float = 10.0
+    wait_unplug: float = 30.0
 
 
 @dataclass(frozen=True)
-class PairConfig:
-    source: Path
+class PairSection:
+    """One failover pair: the standby this process serves, and its primary."""
+
+    standby: str
     backend: BackendSection
-    qemu: QemuSection
     primary: PrimaryConfig | None = None
     primary_netdev: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    source: Path
+    qemu: QemuSection
+    pairs: tuple[PairSection, ...]
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -96,6 +132,10 @@ class _Reader:
         return ConfigError(f"{self.prefix}.{key}", message, str(self.source))
 
     def get(self, key: str, kind: type, default: Any = ..., example: str = "") -> Any:
+        """The value of ``key``, checked to be a ``kind``.
+
+        :raise ConfigError: When it is missing (and has no default) or of another type.
+        """
         self.seen.add(key)
         if key not in self.table:
             if default is ...:
@@ -107,7 +147,9 @@ class _Reader:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(
-                key, f"expected a {kind.__name__}, got {type(value).__name__} {value!r}"
+                key,
+                f"expected {_KIND_NAMES.get(kind, kind.__name__)}, "
+                f"got {_KIND_NAMES.get(type(value), type(value).__name__)} {value!r}",
             )
         return value
 
@@ -124,21 +166,12 @@ def _table(source: Path, data: dict[str, Any], name: str, required: bool) -> dic
             raise ConfigError(name, f"missing table; add a [{name}] section", str(source))
         return None
     if not isinstance(table, dict):
-        raise ConfigError(name, "must be a table ([{name}])", str(source))
+        raise ConfigError(name, f"must be a table ([{name}])", str(source))
     return table
 
 
-def parse_config(source: Path, data: dict[str, Any]) -> PairConfig:
-    unknown = sorted(set(data) - {"backend", "qemu", "primary", "timeouts"})
-    if unknown:
-        raise ConfigError(
-            unknown[0],
-            "unknown table; the file takes [backend], [qemu], [primary], [timeouts]",
-            str(source),
-        )
-    backend_table = _table(source, data, "backend", required=True)
-    assert backend_table is not None
-    b = _Reader(source, backend_table, "backend")
+def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection:
+    b = _Reader(source, table, prefix)
     socket = Path(b.get("socket", str, example='"/run/failover-backend/vm1.sock"'))
     port = b.get("port", str, "null")
     if not _PORT.match(port):
@@ -151,35 +184,128 @@ def parse_config(source: Path, data: dict[str, Any]) -> PairConfig:
         raise b.error("queues", f"must be between 1 and 16, got {queues}")
     client = b.get("client", bool, False)
     b.reject_unknown()
-    backend = BackendSection(socket, port, mac.lower(), queues, client)
+    return BackendSection(socket, port, mac.lower(), queues, client)
 
+
+def _primary(
+    source: Path, table: dict[str, Any], prefix: str, standby: str, mac: str
+) -> tuple[PrimaryConfig, dict[str, Any] | None]:
+    p = _Reader(source, table, prefix)
+    properties = p.get("properties", dict, {})
+    netdev = p.get("netdev", dict, None)
+    primary = PrimaryConfig(
+        device_id=p.get("id", str, example='"hostdev0"'),
+        driver=p.get("driver", str, "vfio-pci"),
+        bus=p.get("bus", str, example='"root1"'),
+        pair_id=standby,
+        mac=p.get("mac", str, mac),
+        properties=properties,
+    )
+    if netdev is not None and "id" not in netdev:
+        raise p.error("netdev", 'needs an id (netdev = { type = "tap", id = "hostnet0", ... })')
+    p.reject_unknown()
+    return primary, netdev
+
+
+def _pair(
+    source: Path,
+    standby: str,
+    backend_table: dict[str, Any],
+    backend_prefix: str,
+    primary_table: dict[str, Any] | None,
+    primary_prefix: str,
+) -> PairSection:
+    backend = _backend(source, backend_table, backend_prefix)
+    if primary_table is None:
+        return PairSection(standby, backend)
+    primary, netdev = _primary(source, primary_table, primary_prefix, standby, backend.mac)
+    return PairSection(standby, backend, primary, netdev)
+
+
+def _pairs(source: Path, data: dict[str, Any], qemu_table: dict[str, Any]) -> list[PairSection]:
+    listed = data.get("pair")
+    if listed is None:
+        backend_table = _table(source, data, "backend", required=True)
+        assert backend_table is not None
+        standby = qemu_table.get("standby", "standby0")
+        if not isinstance(standby, str):
+            raise ConfigError("qemu.standby", f"expected a string, got {standby!r}", str(source))
+        primary_table = _table(source, data, "primary", required=False)
+        return [_pair(source, standby, backend_table, "backend", primary_table, "primary")]
+    for single in ("backend", "primary"):
+        if single in data:
+            raise ConfigError(
+                single,
+                f"[{single}] and [[pair]] do not mix; put it in each pair "
+                f"({single} = {{ ... }} under [[pair]])",
+                str(source),
+            )
+    if "standby" in qemu_table:
+        raise ConfigError(
+            "qemu.standby", 'with [[pair]], give each pair its standby = "..."', str(source)
+        )
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError("pair", "expected one or more [[pair]] tables", str(source))
+    pairs = []
+    for index, entry in enumerate(listed):
+        prefix = f"pair[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(prefix, "must be a table ([[pair]])", str(source))
+        reader = _Reader(source, entry, prefix)
+        standby = reader.get("standby", str, example='"standby0"')
+        backend_table = reader.get("backend", dict, example='{ socket = "...", port = "..." }')
+        primary_table = reader.get("primary", dict, None)
+        reader.reject_unknown()
+        pairs.append(
+            _pair(
+                source,
+                standby,
+                backend_table,
+                f"{prefix}.backend",
+                primary_table,
+                f"{prefix}.primary",
+            )
+        )
+    _check_distinct(source, pairs)
+    return pairs
+
+
+def _check_distinct(source: Path, pairs: list[PairSection]) -> None:
+    """Two pairs cannot share a standby, a socket or a TAP."""
+    for what, key in (
+        ("standby", lambda p: p.standby),
+        ("backend.socket", lambda p: str(p.backend.socket)),
+        ("backend.port", lambda p: p.backend.port if p.backend.port.startswith("tap:") else None),
+    ):
+        seen: dict[str, int] = {}
+        for index, pair in enumerate(pairs):
+            value = key(pair)
+            if value is None:
+                continue
+            if value in seen:
+                raise ConfigError(
+                    f"pair[{index}].{what}",
+                    f"{value!r} is already pair[{seen[value]}]'s; each pair needs its own",
+                    str(source),
+                )
+            seen[value] = index
+
+
+def parse_config(source: Path, data: dict[str, Any]) -> RunConfig:
+    unknown = sorted(set(data) - {"backend", "qemu", "primary", "pair", "timeouts"})
+    if unknown:
+        raise ConfigError(
+            unknown[0],
+            "unknown table; the file takes [backend], [qemu], [primary], [[pair]], [timeouts]",
+            str(source),
+        )
     qemu_table = _table(source, data, "qemu", required=True)
     assert qemu_table is not None
     q = _Reader(source, qemu_table, "qemu")
-    qemu = QemuSection(
-        qmp=Path(q.get("qmp", str, example='"/run/vm1/qmp.sock"')),
-        standby=q.get("standby", str, "standby0"),
-    )
+    qemu = QemuSection(qmp=Path(q.get("qmp", str, example='"/run/vm1/qmp.sock"')))
+    q.seen.add("standby")
     q.reject_unknown()
-
-    primary = None
-    netdev = None
-    primary_table = _table(source, data, "primary", required=False)
-    if primary_table is not None:
-        p = _Reader(source, primary_table, "primary")
-        properties = p.get("properties", dict, {})
-        netdev = p.get("netdev", dict, None)
-        primary = PrimaryConfig(
-            device_id=p.get("id", str, example='"hostdev0"'),
-            driver=p.get("driver", str, "vfio-pci"),
-            bus=p.get("bus", str, example='"root1"'),
-            pair_id=qemu.standby,
-            mac=p.get("mac", str, backend.mac),
-            properties=properties,
-        )
-        if netdev is not None and "id" not in netdev:
-            raise p.error("netdev", 'needs an id (netdev = { type = "tap", id = "hostnet0", ... })')
-        p.reject_unknown()
+    pairs = _pairs(source, data, qemu_table)
 
     timeouts = Timeouts()
     timeouts_table = _table(source, data, "timeouts", required=False)
@@ -189,16 +315,17 @@ def parse_config(source: Path, data: dict[str, Any]) -> PairConfig:
             qmp=t.get("qmp", float, timeouts.qmp),
             negotiation=t.get("negotiation", float, timeouts.negotiation),
             unplug=t.get("unplug", float, timeouts.unplug),
+            wait_unplug=t.get("wait_unplug", float, timeouts.wait_unplug),
         )
-        for name in ("qmp", "negotiation", "unplug"):
+        for name in ("qmp", "negotiation", "unplug", "wait_unplug"):
             if getattr(timeouts, name) <= 0:
                 raise t.error(name, "must be a positive number of seconds")
         t.reject_unknown()
-    return PairConfig(source, backend, qemu, primary, netdev, timeouts)
+    return RunConfig(source, qemu, tuple(pairs), timeouts)
 
 
-def load_config(path: Path) -> PairConfig:
-    """Read and check a pair configuration.
+def load_config(path: Path) -> RunConfig:
+    """Read and check a ``run`` configuration.
 
     :raise ConfigError: Naming the file, the field and the fix.
     """

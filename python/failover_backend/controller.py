@@ -6,9 +6,8 @@ It watches the VM over QMP and acts on what it sees:
 - tracks the guest's STANDBY negotiation, with a deadline;
 - plugs the configured primary (hidden by QEMU until negotiation), repairs one left
   half unplugged;
-- steers the host's traffic to the standby (:mod:`failover_backend.steering`) when QEMU
-  asks the guest to release the primary, and when the VM resumes here after a
-  migration;
+- keeps the standby backend's steering in step with the primary
+  (:mod:`failover_backend.steering`), so the host's switch follows the guest;
 - says when QEMU negotiated a standby for which it has no primary.
 """
 
@@ -25,10 +24,23 @@ from .negotiation import standby_negotiated, wait_negotiated
 from .pairing import find_primary, require_pairing
 from .primary import Primary, PrimaryState
 from .qmp import QmpEvent, QmpSession
-from .steering import announce_burst
+from .standby import backend_link
+from .steering import PairSteering
 from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
+
+#: What the controller follows: the primary's life and the VM's.
+WATCHED_EVENTS = frozenset(
+    {
+        "FAILOVER_NEGOTIATED",
+        "UNPLUG_PRIMARY",
+        "MIGRATION",
+        "RESUME",
+        "DEVICE_DELETED",
+        "SHUTDOWN",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -39,18 +51,35 @@ class PairStatus:
     primary_id: str | None
     primary_state: PrimaryState | None
     migration: str | None
+    backend_link: str
+    """The vhost-user connection as QEMU sees it (``connected``, ``disconnected``...)."""
     backend_state: str | None
+    """The backend's own state, when it runs in this process."""
+    steering: str | None = None
 
     def lines(self) -> list[str]:
-        return [
+        backend = f"{self.backend_link} (QEMU's side)"
+        if self.backend_state is not None:
+            backend += f", {self.backend_state} (backend's side)"
+        if self.backend_link == "disconnected":
+            backend += ": no failover path; is the standby's backend running?"
+        lines = [
             f"VM:        {self.run_state}",
             f"standby:   {self.standby_id} "
             + ("(STANDBY negotiated)" if self.standby_negotiated else "(not negotiated)"),
+            f"backend:   {backend}",
             f"primary:   {self.primary_id or '-'}"
             + (f" ({self.primary_state})" if self.primary_state else ""),
             f"migration: {self.migration or '-'}",
-            f"backend:   {self.backend_state or '-'}",
         ]
+        if self.steering is not None:
+            lines.append(f"steering:  {self.steering}")
+        return lines
+
+    @property
+    def healthy(self) -> bool:
+        """The pair can fail over: the standby's backend is connected."""
+        return self.backend_link == "connected"
 
 
 class FailoverController:
@@ -78,7 +107,16 @@ class FailoverController:
             qmp.timeline = self.timeline
         self.warnings: list[str] = []
         self._watcher: asyncio.Task[None] | None = None
-        self._steering: set[asyncio.Task[int]] = set()
+        self.steering = (
+            PairSteering(
+                backend,
+                standby_id,
+                primary_id=primary.device_id if primary else None,
+                timeline=self.timeline,
+            )
+            if backend is not None
+            else None
+        )
 
     def _warn(self, message: str) -> None:
         logger.warning("%s", message)
@@ -94,16 +132,16 @@ class FailoverController:
     async def start(self) -> None:
         """Start watching QEMU's events (steering, negotiation warnings)."""
         if self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch(self.qmp.mark()))
+            since = self.qmp.mark()
+            if self.steering is not None:
+                await self.steering.start(self.qmp)
+            self._watcher = asyncio.create_task(self._watch(since))
 
     async def stop(self) -> None:
-        tasks: list[asyncio.Task[None] | asyncio.Task[int]] = [*self._steering]
         if self._watcher is not None:
-            tasks.append(self._watcher)
-        for task in tasks:
-            task.cancel()
+            self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self._watcher
         self._watcher = None
 
     async def _watch(self, since: int) -> None:
@@ -111,9 +149,7 @@ class FailoverController:
             index = since
             incoming = await self.qmp.run_state() == "inmigrate"
             while True:
-                event = await self.qmp.wait_event(
-                    {"UNPLUG_PRIMARY", "RESUME", "FAILOVER_NEGOTIATED"}, since=index, timeout=1e9
-                )
+                event = await self.qmp.wait_event(WATCHED_EVENTS, since=index, timeout=None)
                 index = self.qmp.index_after(event, index)
                 await self._on_event(event, incoming)
                 if event.name == "RESUME":
@@ -122,11 +158,9 @@ class FailoverController:
             logger.info("stopped watching %s: %s", self.qmp.name, err)
 
     async def _on_event(self, event: QmpEvent, incoming: bool) -> None:
-        if event.name == "UNPLUG_PRIMARY":
-            self._steer(f"primary {event.data.get('device-id')} leaving")
-        elif event.name == "RESUME" and incoming:
-            self._steer("VM resumed here after migration")
-        elif (
+        if self.steering is not None:
+            await self.steering.on_event(self.qmp, event, incoming)
+        if (
             event.name == "FAILOVER_NEGOTIATED"
             and event.data.get("device-id") == self.standby_id
             and not incoming
@@ -137,14 +171,6 @@ class FailoverController:
                 "primary for it (QEMU: 'Primary device not found'); traffic stays on "
                 "the standby until one is plugged"
             )
-
-    def _steer(self, why: str) -> None:
-        if self.backend is None:
-            return
-        self.timeline.add("controller", "steer-to-standby", why)
-        task = asyncio.create_task(announce_burst(self.backend))
-        self._steering.add(task)
-        task.add_done_callback(self._steering.discard)
 
     async def wait_warning(self, fragment: str, timeout: float) -> str:
         """The first warning containing ``fragment`` (events are handled asynchronously).
@@ -184,6 +210,7 @@ class FailoverController:
         elif primary_id is not None:
             visible = primary_id in await self.qmp.visible_device_ids()
             primary_state = "visible" if visible else "unplugging"
+        steering = self.backend.steering() if self.backend else None
         return PairStatus(
             run_state=await self.qmp.run_state(),
             standby_id=self.standby_id,
@@ -191,5 +218,9 @@ class FailoverController:
             primary_id=primary_id,
             primary_state=primary_state,
             migration=migration,
+            backend_link=await backend_link(self.qmp, self.standby_id),
             backend_state=self.backend.state if self.backend else None,
+            steering=f"{steering.mode}, switch pointed at the {steering.path}"
+            if steering
+            else None,
         )

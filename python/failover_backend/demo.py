@@ -1,11 +1,12 @@
-"""``demo``: the whole failover story on this machine, in about a minute.
+"""``demo``: the whole failover story on this machine, in about two minutes.
 
 Builds a tiny Linux guest (cached), puts a bridge with a host address on the host,
 starts a standby backend and a source QEMU whose primary (an emulated e1000e) stays
 hidden until the guest negotiates STANDBY, starts a target QEMU waiting for the
-guest, has the guest ping the host every 50 ms, migrates the guest with its primary
-unplugged on the source and plugged on the target, and shows the timeline and the
-traffic gap. Everything is removed at the end.
+guest, and migrates the guest there and back: the first time with the host pinging
+the guest every 50 ms (inbound traffic, which the guest only answers), the second
+with the guest pinging the host. Each loss window is shown with its cause.
+Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import os
 import time
 
 from .lab.console import GuestConsole
+from .lab.continuity import Window, explain
 from .lab.scenario import Lab, LabVM
-from .lab.traffic import read_pings, start_pinging, stop_pinging
+from .lab.traffic import EchoListener, HostPinger, PingTrace, start_pinging, stop_pinging
 from .migration import Migration, MigrationOptions
 from .negotiation import wait_negotiated
-from .steering import announce_burst
 
 
 def step(text: str) -> None:
@@ -55,6 +56,40 @@ async def _wait_primary_up(vm: LabVM, timeout: float = 30.0) -> str:
         await asyncio.sleep(0.3)
 
 
+async def _wait_steered_to_primary(vm: LabVM, timeout: float = 10.0) -> None:
+    assert vm.backend is not None
+    deadline = time.monotonic() + timeout
+    while (steering := vm.backend.steering()) is None or steering.path != "primary":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"steering did not reach the primary: {steering}")
+        await asyncio.sleep(0.1)
+
+
+def _show(trace: PingTrace, windows: list[Window], origin: float) -> None:
+    say(f"{len(trace.sent)} requests, {trace.lost} lost")
+    for window in windows:
+        say(window.describe(origin))
+    if not windows:
+        say("nothing lost")
+
+
+async def _migrate(lab: Lab, source: LabVM, target: LabVM) -> None:
+    for vm in (source, target):
+        for backend in vm.backends:
+            backend.events()  # the timeline shows the backends from here on
+    report = await Migration(
+        source.qmp,
+        target.qmp,
+        f"unix:{lab.workdir}/migration-{source.name}.sock",
+        MigrationOptions(wait_unplug_timeout=30),
+        timeline=lab.timeline,
+        progress=say,
+    ).run()
+    say(f"guest on {target.name}: {await _wait_primary_up(target)}")
+    await _wait_steered_to_primary(target)
+    print(report.summary(), flush=True)
+
+
 async def demo(keep: bool = False, accel: str = "tcg") -> int:
     if os.geteuid() != 0:
         print("error: the demo needs root (TAP devices and a bridge)", flush=True)
@@ -80,66 +115,51 @@ async def demo(keep: bool = False, accel: str = "tcg") -> int:
         say(f"guest: {await _wait_primary_up(source)}")
         for driver, where in (await _slaves(source.console)).items():
             say(f"guest slave: {driver:<10} {where}")
+        await _wait_steered_to_primary(source)
+        say("steering: the guest answered through its primary; the switch points there")
 
         step("target: its own standby backend + QEMU -incoming defer")
         target = await lab.vm("target", incoming=True)
         say(f"target backend on {target.backend.socket_path if target.backend else '-'}")
 
-        step("traffic: the guest pings the host every 50 ms")
-        await start_pinging(source.console, lab.host_address)
+        step("host -> guest: the host pings the guest every 50 ms (the guest only answers)")
+        pinger = HostPinger(lab.guest_address)
+        await pinger.start()
+        steady = time.time()
+        await asyncio.sleep(3)
+        _show(pinger.trace(), [], steady)
+
+        step("live migration there: primary unplugged on the source, plugged on the target")
+        there = time.time()
+        await _migrate(lab, source, target)
         await asyncio.sleep(2)
-        before = await read_pings(source.console)
-        say(f"{before.last_seq + 1} requests, {len(before.replies)} replies")
+        inbound = await pinger.stop()
+        lab.backend_events_to_timeline()
 
-        step("live migration: primary unplugged on the source, plugged on the target")
-        for vm in (source, target):
-            assert vm.backend is not None
-            vm.backend.events()  # the timeline shows the backends from here on
-
-        async def steer_source() -> None:
-            assert source.backend is not None
-            await announce_burst(source.backend, timeline=lab.timeline, label="source-backend")
-
-        async def steer_target() -> None:
-            assert target.backend is not None
-            await announce_burst(target.backend, timeline=lab.timeline, label="target-backend")
-
-        migration = Migration(
-            source.qmp,
-            target.qmp,
-            f"unix:{lab.workdir}/migration.sock",
-            MigrationOptions(wait_unplug_timeout=30),
-            timeline=lab.timeline,
-            on_primary_unplug=steer_source,
-            on_target_resume=steer_target,
-            progress=say,
-        )
-        report = await migration.run()
-        say(f"guest on the target: {await _wait_primary_up(target)}")
-        lab.timeline.add("guest", "primary enslaved", "on the target, link up")
-        settled = (await read_pings(target.console)).last_seq
+        step("the other way: the guest pings the host every 50 ms, and migrates back")
+        back = await lab.vm("back", incoming=True)
+        await source.vm.stop()
+        listener = EchoListener(lab.guest_address)
+        await listener.start()
+        await start_pinging(target.console, lab.host_address)
         await asyncio.sleep(2)
-        record = await stop_pinging(target.console)
+        back_start = time.time()
+        await _migrate(lab, target, back)
+        await asyncio.sleep(2)
+        await stop_pinging(back.console)
+        outbound = await listener.stop()
+        lab.backend_events_to_timeline()
 
         step("timeline (QEMU events, backend events, controller actions)")
-        lab.backend_events_to_timeline()
         print(lab.timeline.table(), flush=True)
-        print(report.summary(), flush=True)
 
-        step("traffic through the migration")
-        windows = record.windows()
-        say(f"{record.last_seq + 1} requests, {len(record.replies)} replies")
-        for window in windows:
-            say(
-                f"lost {window.lost} replies ({window.seconds:.2f} s) "
-                f"from t={window.starts_at:.2f} s"
-            )
-        say(
-            f"longest gap {record.longest_gap:.2f} s; no loss before the migration or after "
-            f"the guest re-enslaved its primary: {all(w.last_seq < settled for w in windows)}"
-        )
-        say("the longest window is the guest's: net_failover drops what arrives on the")
-        say("standby once the new primary is registered, until the primary's link is up")
+        consoles = [source.console, target.console, back.console]
+        step("host -> guest, steady and through the migration there")
+        _show(inbound, explain(inbound.gaps(steady), lab.timeline, consoles), there)
+        step("guest -> host, through the migration back")
+        _show(outbound, explain(outbound.gaps(), lab.timeline, consoles), back_start)
+        say("'primary registered, link down' is the guest's: net_failover drops what")
+        say("arrives on the standby once a primary is registered, until its link is up")
 
         step("cleaning up" + (f" (keeping {lab.workdir})" if keep else ""))
     return 0

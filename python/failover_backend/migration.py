@@ -1,19 +1,22 @@
-"""Live migration of a VM with a failover pair, choreographed end to end.
+"""Live migration of a VM with failover pairs, choreographed end to end.
 
-What QEMU does on its own: at ``migrate`` it asks the guest to unplug the primary
-(UNPLUG_PRIMARY: the request, not its completion), enters ``wait-unplug`` and waits
-*forever* for the guest's eject, then copies memory (``active``), stops the VM and
-completes. The target plugs the hidden primary when the incoming stream says the
-guest negotiated STANDBY, before RESUME. ``migrate_cancel`` in ``wait-unplug`` goes
-to ``cancelling``, waits up to 30 s for the eject, then ``cancelled``, and the primary
-is plugged back.
+What QEMU does on its own: at ``migrate`` it asks the guest to unplug every primary
+(one UNPLUG_PRIMARY each: the request, not its completion), enters ``wait-unplug``
+and waits *forever* until the guest ejected them all, then copies memory
+(``active``), stops the VM and completes. The target plugs each hidden primary when
+the incoming stream says the guest negotiated STANDBY, before RESUME.
+``migrate_cancel`` in ``wait-unplug`` goes to ``cancelling``, waits up to 30 s for
+the eject, then ``cancelled``, and the primaries are plugged back.
 
-What this adds: a preflight that catches what would fail late (events capability,
-a running source, an incoming target, a connected target backend, dirty logging);
-a deadline on ``wait-unplug`` after which the migration is cancelled and the source
-checked to have its primary back; the check that the target plugged the primary
-before RESUME; ``announce-self`` on the target; steering hooks for the standby
-backends; and a timeline of every event and state, with timestamps.
+What this adds: a preflight that catches what would fail or hang late (a migration
+already in progress, events capability, a running source, an incoming target, every
+standby's backend connected on both sides, dirty logging); a deadline on
+``wait-unplug`` after which the migration is cancelled and the source checked to
+have its primaries back; progress while QEMU waits for a cancel; the check that the
+target plugged every primary before RESUME; ``announce-self`` on the target's
+standbys; and a timeline of every event and state, with timestamps. Steering the
+host's switch is the job of each side's controller (``run``), which sees the same
+events on its own QMP socket.
 
 ::
 
@@ -24,24 +27,44 @@ backends; and a timeline of every event and state, with timestamps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import MigrationError, MonitorCommandError, MonitorError
 from .negotiation import standby_negotiated
-from .pairing import find_primary
+from .pairing import failover_pairs
 from .qmp import QmpSession
+from .standby import backend_link
 from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
 #: Migration states after which nothing more happens.
 FINAL_STATES = frozenset({"completed", "failed", "cancelled"})
+#: States in which QEMU refuses to start another migration.
+IN_PROGRESS_STATES = frozenset(
+    {
+        "setup",
+        "wait-unplug",
+        "active",
+        "pre-switchover",
+        "device",
+        "cancelling",
+        "postcopy-active",
+        "postcopy-paused",
+        "postcopy-recover",
+    }
+)
+#: How long QEMU itself waits for the guest's eject after a cancel in wait-unplug.
+QEMU_CANCEL_WAIT = 30.0
+#: Seconds between progress lines while a cancel is pending.
+CANCEL_PROGRESS_EVERY = 5.0
 
-Hook = Callable[[], Coroutine[Any, Any, None]]
+Progress = Callable[[str], None]
 
 
 @dataclass
@@ -51,12 +74,17 @@ class MigrationReport:
     status: str
     """The last migration state on the source (``completed``, ``cancelled``...)."""
     timeline: Timeline
+    pairs: dict[str, str | None] = field(default_factory=dict)
+    """The source's failover pairs: standby id -> primary id."""
     total_time_ms: int | None = None
     downtime_ms: int | None = None
     wait_unplug_s: float | None = None
     primary_plugged_before_resume: bool | None = None
+    """On the target: every primary was plugged before the VM resumed."""
     source_primary_back: bool | None = None
-    """After a cancelled migration: the source's primary is visible to the guest again."""
+    """After a cancelled migration: every source primary is visible to the guest again."""
+    target_exited_at: float | None = None
+    """When the target QEMU exited (wall clock), if it did."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -65,6 +93,9 @@ class MigrationReport:
 
     def summary(self) -> str:
         lines = [f"migration {self.status}"]
+        if self.pairs:
+            pairs = ", ".join(f"{s}+{p or '-'}" for s, p in self.pairs.items())
+            lines.append(f"  failover pairs: {pairs}")
         if self.total_time_ms is not None:
             lines.append(f"  total {self.total_time_ms} ms, downtime {self.downtime_ms} ms")
         if self.wait_unplug_s is not None:
@@ -76,32 +107,81 @@ class MigrationReport:
             )
         if self.source_primary_back is not None:
             lines.append("  source primary back: " + ("yes" if self.source_primary_back else "NO"))
+        if self.target_exited_at is not None:
+            start = self.timeline.entries[0].time if self.timeline.entries else 0.0
+            lines.append(f"  target QEMU exited at t={self.target_exited_at - start:.3f} s")
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
 
 @dataclass
 class MigrationOptions:
-    standby_id: str = "standby0"
     wait_unplug_timeout: float = 30.0
-    """Cancel when the guest has not released the primary after this long."""
+    """Cancel when the guest has not released the primaries after this long."""
     timeout: float = 600.0
     """Bound on the whole migration."""
     cancel_timeout: float = 45.0
     """How long a cancel may take (QEMU itself waits up to 30 s for the eject)."""
     announce: bool = True
-    """``announce-self`` on the target after RESUME."""
+    """``announce-self`` on the target's standbys after RESUME."""
+    force: bool = False
+    """Migrate even when a source standby's backend is disconnected (no failover path)."""
+
+
+def in_progress_problem(status: str, qmp_path: object = "SOURCE_QMP") -> str:
+    """What to tell someone who wants to migrate while QEMU is still busy with one."""
+    what = (
+        "waiting for the guest to release its primary"
+        if status == "wait-unplug"
+        else "cancelling it"
+        if status == "cancelling"
+        else "copying memory"
+    )
+    return (
+        f"a migration is already in progress on the source (state {status}: {what}); "
+        f"wait for it to end, or cancel it: python -m failover_backend cancel --qmp {qmp_path}"
+    )
+
+
+async def cancel_migration(
+    qmp: QmpSession,
+    *,
+    since: int,
+    timeout: float = 45.0,
+    progress: Progress | None = None,
+) -> str:
+    """``migrate_cancel`` and wait for the final state, telling ``progress`` every few
+    seconds while QEMU waits for the guest (in ``wait-unplug`` it gives the guest up
+    to 30 s to eject the primary it was asked to release).
+
+    Returns the final state, or ``cancelling`` when ``timeout`` passed first.
+    """
+    say = progress or (lambda line: logger.info("%s", line))
+    await qmp.execute("migrate_cancel")
+    started = time.monotonic()
+    while True:
+        waited = time.monotonic() - started
+        try:
+            event = await qmp.wait_event(
+                "MIGRATION",
+                since=since,
+                match=lambda e: e.data.get("status") in FINAL_STATES,
+                timeout=max(0.0, min(CANCEL_PROGRESS_EVERY, timeout - waited)),
+            )
+            return str(event.data["status"])
+        except TimeoutError:
+            waited = time.monotonic() - started
+            if waited >= timeout:
+                return "cancelling"
+            say(
+                f"{qmp.name}: still cancelling after {waited:.0f} s: QEMU waits for the "
+                f"guest to release its primary (it gives up after {QEMU_CANCEL_WAIT:.0f} s "
+                "and plugs the primary back)"
+            )
 
 
 class Migration:
-    """One migration from ``source`` to ``target`` (both connected sessions).
-
-    :param on_primary_unplug: Called when the source asks the guest to release the
-        primary: the standby is about to carry the traffic (steer it there).
-    :param on_target_resume: Called when the VM runs on the target.
-    :param target_backend_ready: Optional extra preflight check of the target's
-        standby backend; returns a problem description, or ``None`` when ready.
-    """
+    """One migration from ``source`` to ``target`` (both connected sessions)."""
 
     def __init__(
         self,
@@ -111,10 +191,7 @@ class Migration:
         options: MigrationOptions | None = None,
         *,
         timeline: Timeline | None = None,
-        on_primary_unplug: Hook | None = None,
-        on_target_resume: Hook | None = None,
-        target_backend_ready: Callable[[], str | None] | None = None,
-        progress: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.source = source
         self.target = target
@@ -124,13 +201,12 @@ class Migration:
         for session in (source, target):
             if session.timeline is None:
                 session.timeline = self.timeline
-        self.on_primary_unplug = on_primary_unplug
-        self.on_target_resume = on_target_resume
-        self.target_backend_ready = target_backend_ready
         self.progress = progress or (lambda line: logger.info("%s", line))
-        self._hooks: list[asyncio.Task[None]] = []
-        #: The primary the guest had when the migration started.
-        self._source_primary: str | None = None
+        #: The source's pairs (standby -> primary) when the migration started.
+        self.pairs: dict[str, str | None] = {}
+        #: The primaries the guest could see when the migration started.
+        self._visible_primaries: set[str] = set()
+        self.warnings: list[str] = []
 
     def _note(self, what: str, detail: str = "") -> None:
         self.timeline.add("controller", what, detail)
@@ -141,6 +217,10 @@ class Migration:
     async def preflight(self) -> list[str]:
         """Everything that would make the migration fail or hang, found before starting."""
         problems: list[str] = []
+        status = (await self.source.execute("query-migrate")).get("status")
+        if status in IN_PROGRESS_STATES:
+            problems.append(in_progress_problem(str(status), self.source.path or "SOURCE_QMP"))
+            return problems
         for session, role in ((self.source, "source"), (self.target, "target")):
             try:
                 await session.execute(
@@ -160,36 +240,31 @@ class Migration:
             )
         blocked = (await self.source.execute("query-migrate")).get("blocked-reasons") or []
         problems += [f"source: migration blocked: {reason}" for reason in blocked]
-        problem = await self._target_standby_problem()
-        if problem:
-            problems.append(problem)
-        primary = await find_primary(self.source, self.options.standby_id)
-        if primary is not None and primary in await self.source.visible_device_ids():
-            self._source_primary = primary
-        if self.target_backend_ready is not None:
-            problem = self.target_backend_ready()
-            if problem:
-                problems.append(problem)
-        return problems
 
-    async def _target_standby_problem(self) -> str | None:
-        """The target's standby netdev must be connected to its vhost-user backend."""
-        standby = self.options.standby_id
-        info = await self.target.execute("human-monitor-command", {"command-line": "info network"})
-        chardev = None
-        for line in str(info).splitlines():
-            line = line.strip(" \\")
-            if line.startswith(f"{standby}:") and "type=vhost-user" in line and " to " in line:
-                chardev = line.rsplit(" to ", 1)[1].strip()
-        if chardev is None:
-            return f"target has no vhost-user standby {standby!r}"
-        for device in await self.target.execute("query-chardev"):
-            if device["label"] == chardev and str(device["filename"]).startswith("disconnected"):
-                return (
-                    f"target's standby backend is not connected (chardev {chardev}: "
-                    f"{device['filename']}); is the target's backend running?"
+        self.pairs = await failover_pairs(self.source)
+        visible = await self.source.visible_device_ids()
+        self._visible_primaries = {p for p in self.pairs.values() if p and p in visible}
+        target_pairs = await failover_pairs(self.target)
+        for standby in self.pairs:
+            link = await backend_link(self.source, standby)
+            if link == "disconnected":
+                problem = (
+                    f"source standby {standby}: its backend is disconnected, so this "
+                    "migration has no failover path (traffic stops while the primary is "
+                    "away); start the backend (QEMU reconnects) or pass --force"
                 )
-        return None
+                if self.options.force:
+                    self.warnings.append(problem)
+                else:
+                    problems.append(problem)
+            if standby not in target_pairs:
+                problems.append(f"target has no failover standby {standby!r}")
+            elif await backend_link(self.target, standby) == "disconnected":
+                problems.append(
+                    f"target's standby backend is not connected (standby {standby}); "
+                    "is the target's backend running?"
+                )
+        return problems
 
     # -- the migration ------------------------------------------------------------------
 
@@ -202,47 +277,51 @@ class Migration:
         """
         report = MigrationReport(status="not-started", timeline=self.timeline)
         problems = await self.preflight()
+        report.pairs = dict(self.pairs)
         if problems:
             report.problems = problems
             raise MigrationError("preflight failed:\n  " + "\n  ".join(problems), report)
+        for warning in self.warnings:
+            self._note("warning", warning)
         self._note("preflight", "ok")
+        watch_target = asyncio.create_task(self._watch_target(report))
         try:
             await self._migrate(report)
         except MonitorError as err:
             report.problems.append(str(err))
             await self._verify_source_after_failure(report)
             raise MigrationError(f"migration aborted: {err}", report) from err
+        finally:
+            watch_target.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch_target
+            if self.target.gone_at is not None and report.target_exited_at is None:
+                self._target_exited(report)
         if not report.completed:
             raise MigrationError(f"migration {report.status}", report)
         return report
 
+    async def _watch_target(self, report: MigrationReport) -> None:
+        """Say at once when the target QEMU exits (it does when its incoming migration
+        fails or is cancelled)."""
+        await self.target.wait_gone()
+        self._target_exited(report)
+
+    def _target_exited(self, report: MigrationReport) -> None:
+        report.target_exited_at = self.target.gone_at
+        self._note(
+            "target-exited",
+            "the target QEMU exited (it does by itself when its incoming migration fails "
+            "or is cancelled)",
+        )
+
     async def _migrate(self, report: MigrationReport) -> None:
-        try:
-            await self._migrate_steps(report)
-        finally:
-            # Steering runs alongside; let it finish (it is short and bounded).
-            for task in self._hooks:
-                try:
-                    await asyncio.wait_for(task, 10)
-                except Exception as err:  # a hook's failure must not hide the migration's
-                    report.problems.append(f"steering hook failed: {err!r}")
-
-    def _start_hook(self, hook: Hook | None) -> None:
-        if hook is not None:
-            self._hooks.append(asyncio.create_task(hook()))
-
-    async def _migrate_steps(self, report: MigrationReport) -> None:
         source_mark, target_mark = self.source.mark(), self.target.mark()
         await self.target.execute("migrate-incoming", {"uri": self.uri})
         self._note("migrate-incoming", self.uri)
         await self.source.execute("migrate", {"uri": self.uri})
         self._note("migrate", self.uri)
-
-        unplug_task = asyncio.create_task(self._steer_on_unplug(source_mark))
-        try:
-            status = await self._follow_source(source_mark, report)
-        finally:
-            unplug_task.cancel()
+        status = await self._follow_source(source_mark, report)
         report.status = status
         await self._read_stats(report)
         if status == "completed":
@@ -250,20 +329,16 @@ class Migration:
         else:
             await self._verify_source_after_failure(report)
 
-    async def _steer_on_unplug(self, since: int) -> None:
-        await self.source.wait_event("UNPLUG_PRIMARY", since=since, timeout=self.options.timeout)
-        self._start_hook(self.on_primary_unplug)
-
     async def _follow_source(self, since: int, report: MigrationReport) -> str:
         """Follow the source's MIGRATION events to a final state; cancel when the guest
-        holds the primary past the deadline."""
+        holds a primary past the deadline."""
         deadline = time.monotonic() + self.options.timeout
         index = since
         wait_unplug_started: float | None = None
         status = "setup"
         while True:
             timeout = deadline - time.monotonic()
-            if wait_unplug_started is not None:
+            if wait_unplug_started is not None and status == "wait-unplug":
                 timeout = min(
                     timeout,
                     wait_unplug_started + self.options.wait_unplug_timeout - time.monotonic(),
@@ -273,12 +348,12 @@ class Migration:
                     "MIGRATION", since=index, timeout=max(timeout, 0.0)
                 )
             except TimeoutError:
-                if wait_unplug_started is not None and status == "wait-unplug":
+                if status == "wait-unplug" and wait_unplug_started is not None:
                     report.wait_unplug_s = time.monotonic() - wait_unplug_started
                     return await self._cancel(
                         index,
                         f"the guest did not release the primary within "
-                        f"{self.options.wait_unplug_timeout:.0f} s",
+                        f"{self.options.wait_unplug_timeout:g} s",
                         report,
                     )
                 report.problems.append(
@@ -288,10 +363,11 @@ class Migration:
             index = self.source.index_after(event, index)
             status = str(event.data.get("status"))
             self.progress(f"source: {status}")
-            if status == "active" and self._primary_not_released(since):
+            unreleased = self._unreleased_primaries(since)
+            if status == "active" and unreleased:
                 return await self._cancel(
                     index,
-                    f"QEMU did not ask the guest to release primary {self._source_primary} "
+                    f"QEMU did not ask the guest to release primary {', '.join(unreleased)} "
                     "(QEMU's log says why, e.g. 'Hot-unplug failed: guest is busy'); the "
                     "target could not take it",
                     report,
@@ -303,28 +379,26 @@ class Migration:
             if status in FINAL_STATES:
                 return status
 
-    def _primary_not_released(self, since: int) -> bool:
-        return self._source_primary is not None and not self.source.events_named(
-            "UNPLUG_PRIMARY", since
-        )
+    def _unreleased_primaries(self, since: int) -> list[str]:
+        asked = {
+            str(e.data.get("device-id")) for e in self.source.events_named("UNPLUG_PRIMARY", since)
+        }
+        return sorted(self._visible_primaries - asked)
 
     async def _cancel(self, since: int, why: str, report: MigrationReport) -> str:
         self._note("migrate_cancel", why)
         report.problems.append(why)
-        await self.source.execute("migrate_cancel")
-        try:
-            event = await self.source.wait_event(
-                "MIGRATION",
-                since=since,
-                match=lambda e: e.data.get("status") in FINAL_STATES,
-                timeout=self.options.cancel_timeout,
-            )
-        except TimeoutError:
+        status = await cancel_migration(
+            self.source,
+            since=since,
+            timeout=self.options.cancel_timeout,
+            progress=self.progress,
+        )
+        if status == "cancelling":
             report.problems.append(
                 f"source still cancelling after {self.options.cancel_timeout:.0f} s"
             )
-            return "cancelling"
-        return str(event.data["status"])
+        return status
 
     async def _read_stats(self, report: MigrationReport) -> None:
         # Read right at `completed`, the times can still be zero: read again.
@@ -342,43 +416,47 @@ class Migration:
         except TimeoutError:
             report.problems.append("the target did not resume within 30 s")
             return
-        standby = self.options.standby_id
-        negotiated = [
-            e
-            for e in self.target.events_named("FAILOVER_NEGOTIATED", since)
-            if e.data.get("device-id") == standby
-        ]
-        if negotiated:
-            report.primary_plugged_before_resume = negotiated[0].time <= resume.time
-        else:
-            report.primary_plugged_before_resume = False
-            if await standby_negotiated(self.target, standby):
-                report.problems.append(
-                    "the target did not announce FAILOVER_NEGOTIATED: its primary stays hidden"
-                )
-        if (
-            report.primary_plugged_before_resume
-            and await find_primary(self.target, standby) is None
-        ):
-            report.primary_plugged_before_resume = False
-            report.problems.append("the target has no primary for the standby")
-        self._start_hook(self.on_target_resume)
-        if self.options.announce:
-            await self.target.execute("announce-self", _announce_args(standby))
-            self._note("announce-self", standby)
+        target_pairs = await failover_pairs(self.target)
+        plugged_in_time = True
+        for standby, source_primary in self.pairs.items():
+            if source_primary is None or source_primary not in self._visible_primaries:
+                continue  # nothing to plug: the guest had no primary there
+            negotiated = [
+                e
+                for e in self.target.events_named("FAILOVER_NEGOTIATED", since)
+                if e.data.get("device-id") == standby
+            ]
+            if not negotiated:
+                plugged_in_time = False
+                if await standby_negotiated(self.target, standby):
+                    report.problems.append(
+                        f"the target did not announce FAILOVER_NEGOTIATED for {standby}: "
+                        "its primary stays hidden"
+                    )
+            elif negotiated[0].time > resume.time:
+                plugged_in_time = False
+            if target_pairs.get(standby) is None:
+                plugged_in_time = False
+                report.problems.append(f"the target has no primary for {standby}")
+        report.primary_plugged_before_resume = plugged_in_time
+        if self.options.announce and self.pairs:
+            standbys = sorted(self.pairs)
+            await self.target.execute("announce-self", _announce_args(standbys))
+            self._note("announce-self", " ".join(standbys))
 
     async def _verify_source_after_failure(self, report: MigrationReport) -> None:
-        """After a cancel (or a failure), the source should run with its primary."""
+        """After a cancel (or a failure), the source should run with its primaries."""
         if self.source.gone:
             report.problems.append("the source QEMU is gone")
             return
-        primary = await find_primary(self.source, self.options.standby_id)
-        if primary is None:
-            report.source_primary_back = False
+        pairs = await failover_pairs(self.source)
+        primaries = [p for p in pairs.values() if p is not None]
+        if not primaries:
+            report.source_primary_back = False if self._visible_primaries else None
             return
         deadline = time.monotonic() + 10
         while True:
-            visible = primary in await self.source.visible_device_ids()
+            visible = set(primaries) <= await self.source.visible_device_ids()
             if visible or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
@@ -386,15 +464,17 @@ class Migration:
         state = await self.source.run_state()
         if state != "running":
             report.problems.append(f"the source VM is {state} after the failed migration")
-        self._note("source-after-failure", f"primary {primary} visible={visible}, vm {state}")
+        self._note(
+            "source-after-failure", f"primaries {' '.join(primaries)} visible={visible}, vm {state}"
+        )
 
 
-def _announce_args(standby_id: str) -> dict[str, Any]:
-    """QEMU's default announce timing, limited to the standby's netdev."""
+def _announce_args(standbys: list[str]) -> dict[str, Any]:
+    """QEMU's default announce timing, limited to the standbys."""
     return {
         "initial": 50,
         "max": 550,
         "rounds": 5,
         "step": 100,
-        "interfaces": [standby_id],
+        "interfaces": standbys,
     }

@@ -107,6 +107,24 @@ async def find_primary(qmp: QmpSession, standby_id: str) -> str | None:
     return paired[0] if paired else None
 
 
+async def failover_pairs(qmp: QmpSession) -> dict[str, str | None]:
+    """Every standby of the VM (virtio-net with ``failover=on``) and its realized
+    primary (``None``: none, or still hidden)."""
+    pairs: dict[str, str | None] = {}
+    ids = await peripheral_ids(qmp)
+    for device_id in ids:
+        path = f"{PERIPHERAL}/{device_id}"
+        if await _prop(qmp, path, "type") == "virtio-net-pci" and await _prop(
+            qmp, path, "failover"
+        ):
+            pairs[device_id] = None
+    for device_id in ids:
+        pair = await _prop(qmp, f"{PERIPHERAL}/{device_id}", "failover_pair_id")
+        if pair in pairs:
+            pairs[str(pair)] = device_id
+    return pairs
+
+
 async def _devices_on_port(qmp: QmpSession, port: str) -> list[str]:
     return await _peripherals_where(qmp, "parent_bus", f"{PERIPHERAL}/{port}/{port}")
 

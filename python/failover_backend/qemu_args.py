@@ -20,7 +20,9 @@ def standby_qemu_args(
 ) -> list[str]:
     """``-chardev``/``-netdev``/``-device`` arguments for a vhost-user standby.
 
-    :param backend_is_client: The backend connects to QEMU, so QEMU listens.
+    :param backend_is_client: The backend connects to QEMU, so QEMU listens. Otherwise
+        QEMU connects, and reconnects every second when the backend restarts
+        (without ``reconnect`` the standby would stay disconnected for good).
     :param bus: PCIe root port to put the device on (``None``: QEMU picks).
     :param legacy_interrupts: ``vectors=0``: needed by QEMU 7.2 under TCG, whose
         vhost-user + MSI-X path crashes without KVM.
@@ -28,6 +30,8 @@ def standby_qemu_args(
     chardev = f"socket,id=chr-{device_id},path={socket_path}"
     if backend_is_client:
         chardev += ",server=on,wait=off"
+    else:
+        chardev += ",reconnect=1"
     netdev = f"vhost-user,id={device_id},chardev=chr-{device_id}"
     if queues > 1:
         netdev += f",queues={queues}"

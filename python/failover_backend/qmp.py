@@ -66,6 +66,8 @@ class QmpSession:
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
         self._gone: str | None = None
+        #: When QEMU closed the connection (wall clock).
+        self.gone_at: float | None = None
 
     async def __aenter__(self) -> QmpSession:
         return self
@@ -129,6 +131,7 @@ class QmpSession:
         async with self._changed:
             if self._gone is None:
                 self._gone = why
+                self.gone_at = time.time()
                 if self.timeline is not None:
                     self.timeline.add(self.name, "QMP-CLOSED", why)
             self._changed.notify_all()
@@ -136,6 +139,13 @@ class QmpSession:
     @property
     def gone(self) -> bool:
         return self._gone is not None
+
+    async def wait_gone(self) -> str:
+        """Wait until QEMU closes the connection; returns why."""
+        async with self._changed:
+            while self._gone is None:
+                await self._changed.wait()
+            return self._gone
 
     def _raise_if_gone(self) -> None:
         if self._gone is not None:
@@ -147,7 +157,9 @@ class QmpSession:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        with contextlib.suppress(QMPError, OSError, asyncio.TimeoutError):
+        # Closing never fails: a QEMU that already went away leaves qemu.qmp with the
+        # EOF it saw, which disconnect() re-raises.
+        with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
             await asyncio.wait_for(self._client.disconnect(), 5)
 
     async def execute(
@@ -184,15 +196,16 @@ class QmpSession:
         *,
         since: int = 0,
         match: EventMatch | None = None,
-        timeout: float,
+        timeout: float | None,
     ) -> QmpEvent:
         """The first event (from index ``since``) named ``names`` that ``match`` accepts.
 
+        :param timeout: Seconds to wait; ``None`` waits as long as QEMU is there.
         :raise TimeoutError: When none arrives within ``timeout`` seconds.
         :raise QemuGone: When QEMU goes away first.
         """
         wanted = {names} if isinstance(names, str) else set(names)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         index = since
         async with self._changed:
             while True:
@@ -207,8 +220,11 @@ class QmpSession:
                     raise TimeoutError(
                         f"{self.name}: no {'/'.join(sorted(wanted))} within {timeout:.1f} s"
                     )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+                if remaining == float("inf"):
+                    await self._changed.wait()
+                else:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
 
     def index_after(self, event: QmpEvent, since: int = 0) -> int:
         """The ``since`` to pass to see only events after ``event``."""

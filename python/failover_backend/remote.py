@@ -1,7 +1,8 @@
-"""``migrate`` and ``status``: commands that talk to running QEMUs over QMP only.
+"""``migrate``, ``status`` and ``cancel``: commands that talk to running QEMUs over QMP
+only.
 
-Steering (announcing the guest's MAC from the standby backends) is done by the
-``run`` processes that serve those backends: they see UNPLUG_PRIMARY and RESUME on
+Steering (keeping the host's switch on the path the guest uses) is done by the
+``run`` processes that serve the standby backends: they see the primary's events on
 their own QMP sockets. QEMU takes one client per QMP socket, so give each VM a
 second ``-qmp`` socket for these commands.
 """
@@ -15,7 +16,14 @@ from pathlib import Path
 
 from .controller import FailoverController
 from .errors import MigrationError, MonitorError
-from .migration import Migration, MigrationOptions, MigrationReport
+from .migration import (
+    IN_PROGRESS_STATES,
+    Migration,
+    MigrationOptions,
+    MigrationReport,
+    cancel_migration,
+)
+from .pairing import failover_pairs
 from .qmp import QmpSession
 from .timeline import Timeline
 
@@ -25,14 +33,18 @@ class MigrateArgs:
     source_qmp: Path
     target_qmp: Path
     uri: str
-    standby: str = "standby0"
     wait_unplug_timeout: float = 30.0
     timeout: float = 600.0
     announce: bool = True
+    force: bool = False
 
 
 def _progress(line: str) -> None:
     print(f"  {line}", flush=True)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def print_report(report: MigrationReport | None) -> None:
@@ -43,7 +55,8 @@ def print_report(report: MigrationReport | None) -> None:
 
 
 async def migrate_command(args: MigrateArgs) -> int:
-    """Migrate, with live progress; 0 only when the migration completed."""
+    """Migrate every failover pair of the VM, with live progress; 0 only when the
+    migration completed."""
     timeline = Timeline()
     source = QmpSession("source", timeline)
     target = QmpSession("target", timeline)
@@ -55,10 +68,10 @@ async def migrate_command(args: MigrateArgs) -> int:
             target,
             args.uri,
             MigrationOptions(
-                standby_id=args.standby,
                 wait_unplug_timeout=args.wait_unplug_timeout,
                 timeout=args.timeout,
                 announce=args.announce,
+                force=args.force,
             ),
             timeline=timeline,
             progress=_progress,
@@ -69,26 +82,70 @@ async def migrate_command(args: MigrateArgs) -> int:
         return 0
     except MigrationError as err:
         print_report(err.report)
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        _error(str(err))
         return 1
     except MonitorError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        _error(str(err))
         return 1
     finally:
         for session in (source, target):
-            with contextlib.suppress(Exception):
-                await session.close()
+            await session.close()
 
 
-async def status_command(qmp_path: Path, standby: str) -> int:
+async def status_command(qmp_path: Path, standby: str | None, timeout: float = 5.0) -> int:
+    """Every failover pair of the VM (or just ``standby``); 1 when a pair cannot fail
+    over (its standby's backend is disconnected)."""
     qmp = QmpSession("vm")
     try:
-        await qmp.connect(qmp_path)
-        status = await FailoverController(qmp, standby).status()
-        print("\n".join(status.lines()), flush=True)
-        return 0
+        await qmp.connect(qmp_path, timeout)
+        standbys = [standby] if standby else sorted(await failover_pairs(qmp))
+        if not standbys:
+            print("VM has no failover standby (virtio-net-pci with failover=on)")
+            return 0
+        healthy = True
+        for index, standby_id in enumerate(standbys):
+            status = await FailoverController(qmp, standby_id).status()
+            lines = status.lines()
+            print("\n".join(lines if index == 0 else lines[1:]), flush=True)
+            healthy &= status.healthy
+        return 0 if healthy else 1
     except MonitorError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        _error(str(err))
+        return 1
+    finally:
+        await qmp.close()
+
+
+async def cancel_command(qmp_path: Path, timeout: float = 45.0) -> int:
+    """Cancel the VM's outgoing migration, following QEMU until it gave up; 0 when
+    it ended cancelled (or there was none), 1 otherwise."""
+    qmp = QmpSession("source")
+    try:
+        await qmp.connect(qmp_path)
+        with contextlib.suppress(MonitorError):
+            await qmp.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "events", "state": True}]},
+            )
+        status = (await qmp.execute("query-migrate")).get("status")
+        if status not in IN_PROGRESS_STATES:
+            print(f"no migration in progress (last state: {status or 'none'})", flush=True)
+            return 0
+        print(f"cancelling the migration (state {status})", flush=True)
+        final = await cancel_migration(qmp, since=qmp.mark(), timeout=timeout, progress=_progress)
+        if final == "cancelling":
+            # QEMU may have cancelled without an event (events were off): ask it.
+            final = str((await qmp.execute("query-migrate")).get("status"))
+        print(f"migration {final}", flush=True)
+        pairs = await failover_pairs(qmp)
+        visible = await qmp.visible_device_ids()
+        for standby_id, primary in sorted(pairs.items()):
+            if primary is not None:
+                back = "yes" if primary in visible else "NO"
+                print(f"  {standby_id}: primary {primary} visible to the guest: {back}")
+        return 0 if final == "cancelled" else 1
+    except MonitorError as err:
+        _error(str(err))
         return 1
     finally:
         await qmp.close()

@@ -1,4 +1,6 @@
-"""``run``: serve the standby backend and manage the pair of one VM until stopped."""
+"""``run``: serve the standby backends of one VM and manage its failover pairs for as
+long as the VM lives on this host (see :mod:`failover_backend.lifecycle` for how
+that ends, and the exit codes)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ import contextlib
 import logging
 import shlex
 import signal
+import sys
+from typing import Any
 
 from .backend import StandbyBackend
-from .config import PairConfig
+from .config import PairSection, RunConfig
 from .controller import FailoverController
-from .errors import FailoverError, MonitorError, NegotiationTimeout
+from .errors import FailoverError, NegotiationTimeout
+from .lifecycle import EXIT_FAILURE, EXIT_OK, VmEnd, enable_migration_events, follow_vm
 from .primary import Primary
 from .qmp import QmpSession
 from .serve import log_events
@@ -19,77 +24,106 @@ from .serve import log_events
 logger = logging.getLogger("failover_backend.run")
 
 
-async def _manage(controller: FailoverController, config: PairConfig) -> None:
-    """Negotiation deadline, then the primary."""
+async def _manage(controller: FailoverController, pair: PairSection, config: RunConfig) -> None:
+    """Plug the primary, wait for the negotiation, repair a half-unplugged primary."""
     if controller.primary is not None and not await controller.primary.exists():
         state = await controller.plug_primary()
         logger.info("primary %s plugged (%s)", controller.primary.device_id, state)
     try:
         await controller.wait_negotiated(config.timeouts.negotiation)
-        logger.info("the guest negotiated STANDBY on %s", config.qemu.standby)
+        logger.info("the guest negotiated STANDBY on %s", pair.standby)
     except NegotiationTimeout as err:
         logger.warning("%s", err)
     if controller.primary is not None and await controller.primary.repair(config.timeouts.unplug):
         logger.info("primary %s repaired", controller.primary.device_id)
 
 
-async def run_pair(config: PairConfig) -> int:
+def _backend(pair: PairSection) -> StandbyBackend:
+    b = pair.backend
+    return StandbyBackend(b.socket, port=b.port, mac=b.mac, queues=b.queues, client=b.client)
+
+
+async def _until_first(*awaitables: asyncio.Future[Any]) -> None:
+    await asyncio.wait(set(awaitables), return_when=asyncio.FIRST_COMPLETED)
+
+
+async def run_vm(config: RunConfig) -> int:
+    """Serve and manage until the VM's life here ends or a stop signal comes.
+
+    :raise FailoverError: When a backend cannot start (nothing was left running).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    b = config.backend
-    backend = StandbyBackend(b.socket, port=b.port, mac=b.mac, queues=b.queues, client=b.client)
-    backend.start()
-    watcher = asyncio.create_task(log_events(backend))
-    print("QEMU arguments: " + shlex.join(backend.qemu_args(config.qemu.standby)), flush=True)
+    backends: list[StandbyBackend] = []
+    watchers: list[asyncio.Task[None]] = []
     qmp = QmpSession("vm")
-    controller: FailoverController | None = None
-    manager: asyncio.Task[None] | None = None
-    rc = 0
+    controllers: list[FailoverController] = []
+    managers: list[asyncio.Task[None]] = []
+    end = VmEnd(EXIT_OK, "stopped by a signal")
+    stopped: asyncio.Future[Any] | None = None
     try:
+        for pair in config.pairs:
+            backend = _backend(pair)
+            backend.start()
+            backends.append(backend)
+            watchers.append(asyncio.create_task(log_events(backend, pair.standby)))
+            print(
+                f"QEMU arguments for {pair.standby}: "
+                + shlex.join(backend.qemu_args(pair.standby)),
+                flush=True,
+            )
         logger.info("waiting for QEMU's QMP socket %s", config.qemu.qmp)
-        connect = asyncio.create_task(qmp.connect(config.qemu.qmp, config.timeouts.qmp))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({connect, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped = stop_signal = asyncio.ensure_future(stop.wait())
+        connect = asyncio.ensure_future(qmp.connect(config.qemu.qmp, config.timeouts.qmp))
+        await _until_first(connect, stop_signal)
         if stop.is_set():
             connect.cancel()
-            return 0
-        stopped.cancel()
+            return EXIT_OK
         connect.result()
-        primary = Primary(qmp, config.primary, config.primary_netdev) if config.primary else None
-        controller = FailoverController(qmp, config.qemu.standby, backend=backend, primary=primary)
-        await controller.check()
-        await controller.start()
-        manager = asyncio.create_task(_manage(controller, config))
-        gone = asyncio.create_task(_wait_gone(qmp))
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({gone, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (gone, stopped):
-            task.cancel()
-        if qmp.gone and not stop.is_set():
-            logger.info("QEMU went away; stopping")
+        for pair, backend in zip(config.pairs, backends):
+            primary = Primary(qmp, pair.primary, pair.primary_netdev) if pair.primary else None
+            controllers.append(
+                FailoverController(qmp, pair.standby, backend=backend, primary=primary)
+            )
+        for controller in controllers:
+            await controller.check()
+        await enable_migration_events(qmp)
+        for controller in controllers:
+            await controller.start()
+        for controller, pair in zip(controllers, config.pairs):
+            managers.append(asyncio.create_task(_manage(controller, pair, config)))
+        life = asyncio.ensure_future(
+            follow_vm(qmp, wait_unplug_timeout=config.timeouts.wait_unplug)
+        )
+        await _until_first(life, stop_signal)
+        if life.done():
+            end = life.result()
+        else:
+            life.cancel()
     except FailoverError as err:
-        print(f"error: {err}", flush=True)
-        rc = 1
+        end = VmEnd(EXIT_FAILURE, f"error: {err}")
     finally:
-        if manager is not None:
-            manager.cancel()
+        if stopped is not None:
+            stopped.cancel()
+        for task in managers:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, FailoverError):
-                await manager
-        if controller is not None:
+                await task
+        for controller in controllers:
             await controller.stop()
         await qmp.close()
-        await loop.run_in_executor(None, backend.stop)
-        await asyncio.sleep(0.2)
-        watcher.cancel()
+        for backend in backends:
+            await loop.run_in_executor(None, backend.stop)
+        await asyncio.sleep(0.2)  # the watchers log the backends' last events
+        for task in watchers:
+            task.cancel()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        print(backend.stats().table(), flush=True)
-    return rc
-
-
-async def _wait_gone(qmp: QmpSession) -> None:
-    """Return when QEMU closes the monitor (no event has this name: only that ends it)."""
-    with contextlib.suppress(MonitorError):
-        await qmp.wait_event("failover-backend-never", timeout=1e12)
+        for pair, backend in zip(config.pairs, backends):
+            print(f"{pair.standby} ({backend.socket_path}):", flush=True)
+            print(backend.stats().table(), flush=True)
+    stream = sys.stdout if end.code == EXIT_OK else sys.stderr
+    print(end.message, file=stream, flush=True)
+    return end.code

@@ -13,11 +13,13 @@ from .backend import StandbyBackend
 logger = logging.getLogger("failover_backend.serve")
 
 
-async def log_events(backend: StandbyBackend) -> None:
-    """Log the backend's events as they happen (cancel to stop)."""
+async def log_events(backend: StandbyBackend, label: str | None = None) -> None:
+    """Log the backend's events as they happen (cancel to stop); ``label`` names the
+    backend when a process serves several."""
+    prefix = f"{label}: " if label else ""
     async for event in backend.watch():
         level = logging.WARNING if event.details.get("reason") else logging.INFO
-        logger.log(level, "%s", event.message)
+        logger.log(level, "%s%s", prefix, event.message)
 
 
 async def serve(backend: StandbyBackend) -> int:

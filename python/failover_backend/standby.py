@@ -23,6 +23,34 @@ def chardev_id(device_id: str) -> str:
     return f"chr-{device_id}"
 
 
+async def standby_chardev(qmp: QmpSession, standby_id: str) -> str | None:
+    """The chardev of the vhost-user netdev behind ``standby_id``, if it has one."""
+    try:
+        netdev = await qmp.qom_get(f"{PERIPHERAL}/{standby_id}", "netdev")
+    except MonitorCommandError:
+        return None
+    info = await qmp.execute("human-monitor-command", {"command-line": "info network"})
+    for line in str(info).splitlines():
+        line = line.strip(" \\")
+        if line.startswith(f"{netdev}:") and "type=vhost-user" in line and " to " in line:
+            return line.rsplit(" to ", 1)[1].strip()
+    return None
+
+
+async def backend_link(qmp: QmpSession, standby_id: str) -> str:
+    """The standby's vhost-user connection as QEMU sees it: ``connected``,
+    ``disconnected`` (no backend: no failover path), or ``not vhost-user``."""
+    chardev = await standby_chardev(qmp, standby_id)
+    if chardev is None:
+        return "not vhost-user"
+    for device in await qmp.execute("query-chardev"):
+        if device["label"] == chardev:
+            if str(device["filename"]).startswith("disconnected"):
+                return "disconnected"
+            return "connected"
+    return "not vhost-user"
+
+
 async def free_root_ports(qmp: QmpSession) -> list[str]:
     """Root ports with nothing plugged in, in id order."""
     ports = []
@@ -73,6 +101,8 @@ async def attach_standby(
             "data": {
                 "addr": {"type": "unix", "data": {"path": str(socket_path)}},
                 "server": False,
+                # Reconnect to a backend that restarts (seconds between attempts).
+                "reconnect": 1,
             },
         },
     }

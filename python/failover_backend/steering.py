@@ -1,55 +1,167 @@
-"""Steering the host's switches to whichever path carries the guest's traffic.
+"""Keeping the host's switch pointed at the path the guest uses.
 
-While a primary is enslaved, the guest drops frames arriving on the standby, and the
-host's switch (a Linux bridge, the NIC's embedded switch) forwards by the port it
-last learned the guest's MAC on. When the standby becomes the active path (the
-primary is being unplugged, or the VM has just resumed on the target without one),
-the standby's backend announces the guest's MAC from its host port.
+The guest's net_failover driver transmits through the primary while it runs with
+carrier and through the standby otherwise; while a primary is registered, it drops
+what arrives on the standby. The host's switch (a Linux bridge, the NIC's embedded
+switch) forwards the guest's MAC to the port it last saw it on. Each standby
+backend does the fast part itself (see :meth:`StandbyBackend.steer`): it probes the
+guest to see which way it answers, announces the standby when that is the way,
+and keeps the standby's own chatter from re-teaching the switch while the primary
+carries the traffic. What it cannot see is what QEMU does with the primary; this
+module tells it, from the VM's QMP events:
 
-After a migration QEMU repeats its own announcements for a while (``announce-*``
-parameters, by default at 50, 150, 300, 500 and 750 ms... after RESUME) on every
-NIC, the primary's too: its RARPs leave through the primary's host port, where the
-guest cannot receive yet. The burst below outlasts them, so the switch ends up
-pointing at the standby.
+==============================  ==========  ============================================
+QEMU says                       mode        because
+==============================  ==========  ============================================
+running, primary visible        primary     the guest uses it (probed to be sure)
+running, no primary             standby     the standby is the only path
+waiting for a migration         off         the VM does not run here yet
+FAILOVER_NEGOTIATED             plugged     QEMU plugs the hidden primary now
+UNPLUG_PRIMARY (ours)           releasing   the guest's answers show when it let go
+MIGRATION active, after that    standby     QEMU saw the eject (if no answer did)
+MIGRATION cancelled/failed      plugged     QEMU plugs the primary back (``primary``
+                                            if the guest never let it go)
+MIGRATION completed (outgoing)  off         the VM runs elsewhere now
+RESUME after an incoming one    plugged     the target plugged its primary before RESUME
+DEVICE_DELETED (our primary)    standby     the primary is gone
+SHUTDOWN                        off
+==============================  ==========  ============================================
+
+Cost, when a primary's link goes down without an unplug: the guest then transmits
+through the standby; the backend forwards it (so the switch learns the standby) and
+probes until the primary answers again. Only the standby's IPv6 multicast (neighbour
+and router discovery, MLD) stays held back meanwhile, so the guest's IPv6 address
+resolution waits for the primary. A stock net_failover guest drops inbound traffic
+on the standby during that time anyway.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Sequence
 
-from .backend import StandbyBackend
-from .errors import BackendError
+from .backend import StandbyBackend, SteerMode
+from .errors import BackendError, MonitorCommandError
+from .pairing import PERIPHERAL, find_primary
+from .qmp import QmpEvent, QmpSession
 from .timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
-#: Seconds after the switch-over at which to announce.
-ANNOUNCE_SCHEDULE: tuple[float, ...] = (0.0, 0.1, 0.3, 0.6, 1.0, 1.5)
 
+class PairSteering:
+    """Tells one standby's backend what QEMU does with its pair's primary.
 
-async def announce_burst(
-    backend: StandbyBackend,
-    schedule: Sequence[float] = ANNOUNCE_SCHEDULE,
-    timeline: Timeline | None = None,
-    label: str = "backend",
-) -> int:
-    """Announce the guest's MAC from the backend's host port at each offset of
-    ``schedule``; returns the frames sent. A port that cannot announce (``null``,
-    ``loop``) is logged, not raised: steering is best effort."""
-    if timeline is not None:
-        timeline.add(label, "announce", f"{len(schedule)} RARP over {schedule[-1]:.1f} s")
-    start = time.monotonic()
-    sent = 0
-    for offset in schedule:
-        delay = start + offset - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    :param primary_id: The primary's device id when known (a configured one); found
+        in QEMU otherwise.
+    """
+
+    def __init__(
+        self,
+        backend: StandbyBackend,
+        standby_id: str,
+        *,
+        primary_id: str | None = None,
+        timeline: Timeline | None = None,
+    ) -> None:
+        self.backend = backend
+        self.standby_id = standby_id
+        self.primary_id = primary_id
+        self.timeline = timeline
+        self.mode: SteerMode = "off"
+        #: QEMU asked the guest to release the primary for the current outgoing migration.
+        self._unplug_requested = False
+        self._migrating_out = False
+
+    @property
+    def current_mode(self) -> SteerMode:
+        """The backend's mode: it moves on by itself (``releasing`` to ``standby`` when
+        the guest lets go, ``plugged`` to ``primary`` when the primary answers)."""
+        status = self.backend.steering()
+        return status.mode if status is not None else self.mode
+
+    def steer(self, mode: SteerMode, why: str) -> None:
+        if mode == self.current_mode and mode in ("off", "primary", "standby"):
+            self.mode = mode
+            return
+        self.mode = mode
+        if self.timeline is not None:
+            self.timeline.add("controller", f"steer-{mode}", f"{self.standby_id}: {why}")
+        logger.info("%s: steering %s (%s)", self.standby_id, mode, why)
         try:
-            sent += backend.announce(1)
+            self.backend.steer(mode, why)
         except BackendError as err:
-            logger.warning("cannot steer traffic to the standby: %s", err)
-            break
-    return sent
+            logger.warning("%s: cannot steer: %s", self.standby_id, err)
+
+    async def _primary(self, qmp: QmpSession) -> str | None:
+        found = await find_primary(qmp, self.standby_id)
+        if found is not None:
+            self.primary_id = found
+        return found
+
+    async def _is_ours(self, qmp: QmpSession, device_id: object) -> bool:
+        if not isinstance(device_id, str):
+            return False
+        if device_id == self.primary_id:
+            return True
+        try:
+            pair = await qmp.qom_get(f"{PERIPHERAL}/{device_id}", "failover_pair_id")
+        except MonitorCommandError:
+            return False
+        return bool(pair == self.standby_id)
+
+    async def start(self, qmp: QmpSession) -> None:
+        """Set the mode for the VM as it is now."""
+        state = await qmp.run_state()
+        if state == "inmigrate":
+            self.steer("off", "waiting for the VM to migrate here")
+            return
+        primary = await self._primary(qmp)
+        if primary is not None and primary in await qmp.visible_device_ids():
+            self.steer("primary", f"primary {primary} is plugged")
+        else:
+            self.steer("standby", "no primary plugged")
+
+    async def on_event(self, qmp: QmpSession, event: QmpEvent, incoming: bool) -> None:
+        """Follow one of the VM's events; ``incoming`` while it waits for a migration."""
+        name, data = event.name, event.data
+        if name == "FAILOVER_NEGOTIATED" and not incoming:
+            if data.get("device-id") != self.standby_id or self.current_mode == "primary":
+                return
+            if await self._primary(qmp) is not None:
+                self.steer("plugged", "the guest negotiated STANDBY: QEMU plugs the primary")
+            else:
+                self.steer("standby", "the guest negotiated STANDBY; there is no primary")
+        elif name == "UNPLUG_PRIMARY" and await self._is_ours(qmp, data.get("device-id")):
+            self._migrating_out = True
+            self._unplug_requested = True
+            self.steer("releasing", "QEMU asked the guest to release its primary")
+        elif name == "MIGRATION" and not incoming:
+            await self._on_migration(str(data.get("status")))
+        elif name == "RESUME" and incoming:
+            if await self._primary(qmp) is not None:
+                self.steer("plugged", "the VM resumed here with a primary plugged")
+            else:
+                self.steer("standby", "the VM resumed here without a primary")
+        elif name == "DEVICE_DELETED" and data.get("device") == self.primary_id:
+            self.steer("standby", f"primary {self.primary_id} was removed")
+        elif name == "SHUTDOWN":
+            self.steer("off", "the VM shut down")
+
+    async def _on_migration(self, status: str) -> None:
+        if status == "setup":
+            self._migrating_out = True
+            self._unplug_requested = False
+        elif status == "active" and self._unplug_requested and self.current_mode == "releasing":
+            # The backend usually saw the release first; if not, QEMU's word is enough.
+            self.steer("standby", "QEMU saw the guest release its primary")
+        elif status == "completed" and self._migrating_out:
+            self._migrating_out = False
+            self.steer("off", "the VM migrated away")
+        elif status in ("cancelled", "failed") and self._migrating_out:
+            self._migrating_out = False
+            if self._unplug_requested:
+                if self.current_mode == "releasing":
+                    self.steer("primary", f"migration {status}; the guest kept its primary")
+                else:
+                    self.steer("plugged", f"migration {status}: QEMU plugs the primary back")
+            self._unplug_requested = False

@@ -22,6 +22,29 @@ class ConsoleError(RuntimeError):
     """The console closed, or what was awaited did not appear in time."""
 
 
+#: Lines the guest prints on its own (``fb.watch=1``), never part of a command's output.
+SLAVES_MARKER = "FB-SLAVES"
+
+
+@dataclass(frozen=True)
+class Slave:
+    name: str
+    driver: str
+    carrier: bool
+
+
+@dataclass(frozen=True)
+class SlaveChange:
+    """The guest's failover slaves as they were from ``time`` (host wall clock of the
+    console line, within the guest's 50 ms polling)."""
+
+    time: float
+    slaves: tuple[Slave, ...]
+
+    def by_driver(self, driver: str) -> Slave | None:
+        return next((s for s in self.slaves if s.driver == driver), None)
+
+
 @dataclass(frozen=True)
 class CommandResult:
     exit_code: int
@@ -128,8 +151,25 @@ class GuestConsole:
         end_index = next(
             i for i in range(begin, len(self.lines)) if self.lines[i][1] == end.group(0)
         )
-        output = [line for _, line in self.lines[begin + 1 : end_index]]
+        output = [
+            line
+            for _, line in self.lines[begin + 1 : end_index]
+            if not line.startswith(SLAVES_MARKER)
+        ]
         return CommandResult(int(end.group(1)), output)
+
+    def slave_changes(self) -> list[SlaveChange]:
+        """Every change of the guest's failover slaves seen so far (``fb.watch=1``)."""
+        changes = []
+        for at, line in self.lines:
+            if not line.startswith(SLAVES_MARKER + " ") and line != SLAVES_MARKER:
+                continue
+            slaves = []
+            for entry in line.split()[1:]:
+                name, driver, carrier = entry.split(":")
+                slaves.append(Slave(name, driver, carrier == "1"))
+            changes.append(SlaveChange(at, tuple(slaves)))
+        return changes
 
     async def check(self, command: str, timeout: float = 30.0) -> str:
         """Like :meth:`run`, raising when the command fails; returns its output."""

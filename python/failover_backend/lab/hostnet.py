@@ -54,6 +54,7 @@ class HostNetwork:
         if subnet is None:
             subnet = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
         self.subnet = ipaddress.ip_network(subnet)
+        self.extra_subnets: list[ipaddress.IPv4Network] = []
         self.bridge = unique_name("fbbr")
         self.bridge_mac = "02:fb:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(4))
         self._devices: list[str] = []
@@ -65,6 +66,15 @@ class HostNetwork:
     def address(self, host: int) -> str:
         """``A.B.C.host/24`` for a guest."""
         return f"{self.subnet.network_address + host}/{self.subnet.prefixlen}"
+
+    def add_subnet(self) -> ipaddress.IPv4Network:
+        """One more ``/24`` on the bridge, host at ``.1`` (for a guest's second
+        failover master, which needs its own subnet to be reached through its own pair)."""
+        base = int(self.subnet.network_address) + 256 * (len(self.extra_subnets) + 1)
+        subnet = ipaddress.IPv4Network(f"{ipaddress.IPv4Address(base)}/24")
+        _ip("addr", "add", f"{subnet.network_address + 1}/24", "dev", self.bridge)
+        self.extra_subnets.append(subnet)
+        return subnet
 
     def __enter__(self) -> HostNetwork:
         _ip("link", "add", self.bridge, "type", "bridge")

@@ -92,8 +92,11 @@ class VmConfig:
     workdir: Path
     image: GuestImage
     guest_address: str
-    standby: StandbySpec | None = None
-    primary: PrimarySpec | None = None
+    """The first failover master's address (``A.B.C.D/N``)."""
+    standbys: list[StandbySpec] = field(default_factory=list)
+    primaries: list[PrimarySpec] = field(default_factory=list)
+    #: Addresses of further failover masters, by their MAC.
+    extra_addresses: dict[str, str] = field(default_factory=dict)
     memory_mb: int = 1024
     root_ports: int = 4
     incoming: bool = False
@@ -106,6 +109,10 @@ class VmConfig:
     #: it rescans its PCI buses.
     guest_ignores_unplug: bool = False
     accel: str = "tcg"
+    #: The guest reports changes of its failover slaves on the console
+    #: (:meth:`GuestConsole.slave_changes`): when it registered a primary, when its
+    #: link came up.
+    watch_slaves: bool = True
     #: Extra guest kernel parameters (``module_blacklist=...``).
     kernel_args: list[str] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
@@ -118,6 +125,12 @@ class VmConfig:
     def control_qmp_path(self) -> Path:
         """A second QMP monitor, for tools while the first one is in use."""
         return self.workdir / f"{self.name}-qmp2.sock"
+
+    @property
+    def observer_qmp_path(self) -> Path:
+        """A third QMP monitor: the lab watches events there while ``run`` and the
+        tools use the other two."""
+        return self.workdir / f"{self.name}-qmp3.sock"
 
     @property
     def serial_path(self) -> Path:
@@ -138,6 +151,12 @@ def qemu_argv(config: VmConfig) -> list[str]:
     ]
     if config.guest_ignores_unplug:
         kernel_args.append("acpiphp.disable=1")
+    if config.watch_slaves:
+        kernel_args.append("fb.watch=1")
+    for mac, address in config.extra_addresses.items():
+        kernel_args.append(f"fb.ip.{mac.replace(':', '')}={address}")
+    if len(config.standbys) > 1:
+        kernel_args.append(f"fb.masters={len(config.standbys)}")
     kernel_args += config.kernel_args
     argv = [
         QEMU_BINARY,
@@ -175,13 +194,14 @@ def qemu_argv(config: VmConfig) -> list[str]:
         f"unix:{config.qmp_path},server=on,wait=off",
         "-qmp",
         f"unix:{config.control_qmp_path},server=on,wait=off",
+        "-qmp",
+        f"unix:{config.observer_qmp_path},server=on,wait=off",
     ]
     if not config.acpi_hotplug:
         argv += ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
     for port in range(1, config.root_ports + 1):
         argv += ["-device", f"pcie-root-port,id=root{port},chassis={port},slot={port}"]
-    if config.standby is not None:
-        standby = config.standby
+    for standby in config.standbys:
         argv += standby_qemu_args(
             socket_path=str(standby.socket),
             mac=standby.mac,
@@ -192,8 +212,8 @@ def qemu_argv(config: VmConfig) -> list[str]:
             failover=standby.failover,
             legacy_interrupts=config.accel == "tcg",
         )
-    if config.primary is not None:
-        argv += config.primary.command_line()
+    for primary in config.primaries:
+        argv += primary.command_line()
     if config.incoming:
         argv += ["-incoming", "defer"]
     return argv + config.extra_args
@@ -269,6 +289,11 @@ class QemuVM:
                 await asyncio.wait_for(self.process.wait(), timeout)
             except asyncio.TimeoutError:
                 await self.kill()
-        for path in (self.config.qmp_path, self.config.control_qmp_path, self.config.serial_path):
+        for path in (
+            self.config.qmp_path,
+            self.config.control_qmp_path,
+            self.config.observer_qmp_path,
+            self.config.serial_path,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

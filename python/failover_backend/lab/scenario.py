@@ -22,6 +22,8 @@ from types import TracebackType
 from typing import Any
 
 from ..backend import StandbyBackend
+from ..controller import FailoverController
+from ..lifecycle import enable_migration_events
 from ..qmp import QmpSession
 from ..timeline import Timeline
 from .console import GuestConsole
@@ -35,19 +37,36 @@ logger = logging.getLogger(__name__)
 GUEST_MAC = "52:54:00:fb:00:01"
 
 
+def pair_mac(index: int, guest: int = 0) -> str:
+    """The MAC of failover pair ``index`` of guest ``guest`` (the first pair of the
+    first guest: :data:`GUEST_MAC`)."""
+    return f"52:54:00:fb:{guest:02x}:{index + 1:02x}"
+
+
 @dataclass
 class LabVM:
     name: str
     vm: QemuVM
     qmp: QmpSession
-    backend: StandbyBackend | None
-    primary: PrimarySpec | None
+    backends: list[StandbyBackend]
+    primaries: list[PrimarySpec]
+    #: One per backend: keeps its steering in step with QEMU (as ``run`` does).
+    controllers: list[FailoverController] = field(default_factory=list)
     master: str = ""
     extra_tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def console(self) -> GuestConsole:
         return self.vm.console
+
+    @property
+    def backend(self) -> StandbyBackend | None:
+        """The first pair's standby backend (run by the lab)."""
+        return self.backends[0] if self.backends else None
+
+    @property
+    def primary(self) -> PrimarySpec | None:
+        return self.primaries[0] if self.primaries else None
 
     async def boot(self, timeout: float = 120.0) -> str:
         """Wait until the guest's network is up; returns the failover master's name."""
@@ -100,8 +119,24 @@ class Lab:
 
     @property
     def guest_address(self) -> str:
-        """The guest's address (it keeps it across migrations)."""
+        """The (first) guest's address (it keeps it across migrations)."""
         return self.network.address(2)
+
+    def pair_address(self, index: int, guest: int = 0) -> str:
+        """The address of failover master ``index`` of guest ``guest`` (each master in
+        a subnet of its own, so it is reached through its own pair)."""
+        if index == 0:
+            return self.network.address(2 + guest)
+        while len(self.network.extra_subnets) < index:
+            self.network.add_subnet()
+        subnet = self.network.extra_subnets[index - 1]
+        return f"{subnet.network_address + 2 + guest}/{subnet.prefixlen}"
+
+    def pair_host_address(self, index: int) -> str:
+        if index == 0:
+            return self.host_address
+        self.pair_address(index)
+        return str(self.network.extra_subnets[index - 1].network_address + 1)
 
     @property
     def host_address(self) -> str:
@@ -131,6 +166,8 @@ class Lab:
         *,
         standby: bool = True,
         primary: bool = True,
+        pairs: int = 1,
+        guest: int = 0,
         failover: bool = True,
         incoming: bool = False,
         acpi_hotplug: bool = True,
@@ -140,27 +177,63 @@ class Lab:
         kernel_args: list[str] | None = None,
         standby_socket: Path | None = None,
         connect_qmp: bool = True,
+        steer: bool = True,
     ) -> LabVM:
-        """Start a QEMU (and its standby backend) and connect to its QMP.
+        """Start a QEMU (and its standby backends) and connect to its QMP.
 
-        :param standby_socket: Serve the standby from a backend that already listens
-            there (``run`` in another process) instead of one of the lab's.
-        :param connect_qmp: Leave both QMP sockets to others (``run`` on the first,
-            ``migrate``/``status`` on the second); the VM's session stays unconnected.
+        :param pairs: Failover pairs: pair ``i`` is standby ``standby<i>`` on root port
+            ``2i+2`` and primary ``primary<i>`` on ``2i+1``, with MAC :func:`pair_mac`.
+        :param guest: Which guest this QEMU runs (its MACs and addresses): the source
+            and the target of one guest share it; two guests differ.
+        :param standby_socket: Serve the (single) standby from a backend that already
+            listens there (``run`` in another process) instead of one of the lab's.
+        :param connect_qmp: Leave the first two QMP sockets to others (``run`` on the
+            first, ``migrate``/``status`` on the second): the VM's session then
+            watches events on the third, and no lab controller steers.
+        :param steer: Keep each lab backend's steering in step with QEMU, as ``run``
+            does (a controller per pair on the VM's QMP session).
         """
         assert self.image is not None
-        backend = self.backend(name) if standby and standby_socket is None else None
-        socket = standby_socket or (Path(backend.socket_path) if backend else None)
-        primary_spec = self.primary(**(primary_kwargs or {})) if primary else None
+        backends: list[StandbyBackend] = []
+        standbys: list[StandbySpec] = []
+        primaries: list[PrimarySpec] = []
+        addresses: dict[str, str] = {}
+        for index in range(pairs):
+            mac = pair_mac(index, guest)
+            if standby:
+                socket = standby_socket
+                if socket is None:
+                    backend = self.backend(f"{name}-{index}", mac=mac)
+                    backends.append(backend)
+                    socket = Path(backend.socket_path)
+                standbys.append(
+                    StandbySpec(
+                        socket,
+                        mac,
+                        device_id=f"standby{index}",
+                        bus=f"root{2 * index + 2}",
+                        failover=failover,
+                    )
+                )
+            if primary:
+                kwargs: dict[str, Any] = {
+                    "device_id": f"primary{index}",
+                    "netdev_id": f"hostnet{index}",
+                    "bus": f"root{2 * index + 1}",
+                    "pair_id": f"standby{index}",
+                }
+                kwargs.update(primary_kwargs or {})
+                primaries.append(self.primary(mac=mac, **kwargs))
+            if index > 0:
+                addresses[mac] = self.pair_address(index, guest)
         config = VmConfig(
             name=name,
             workdir=self.workdir,
             image=self.image,
-            guest_address=self.guest_address,
-            standby=StandbySpec(socket, GUEST_MAC, failover=failover)
-            if standby and socket is not None
-            else None,
-            primary=primary_spec,
+            guest_address=self.pair_address(0, guest),
+            standbys=standbys,
+            primaries=primaries,
+            extra_addresses=addresses,
             incoming=incoming,
             acpi_hotplug=acpi_hotplug,
             guest_ignores_unplug=guest_ignores_unplug,
@@ -170,28 +243,39 @@ class Lab:
         )
         vm = QemuVM(config)
         qmp = QmpSession(name, self.timeline)
-        lab_vm = LabVM(name, vm, qmp, backend, primary_spec)
+        lab_vm = LabVM(name, vm, qmp, backends, primaries)
         self.vms.append(lab_vm)
         await vm.start()
-        if connect_qmp:
+        if not connect_qmp:
+            await qmp.connect(config.observer_qmp_path)
+        else:
             await qmp.connect(config.qmp_path)
+            await enable_migration_events(qmp)
+            if steer:
+                for index, backend in enumerate(backends):
+                    controller = FailoverController(
+                        qmp, f"standby{index}", backend=backend, timeline=self.timeline
+                    )
+                    await controller.start()
+                    lab_vm.controllers.append(controller)
         return lab_vm
 
     def backend_events_to_timeline(self) -> None:
         """Add what each VM's standby backend saw (connects, features, dirty logging,
         announcements) to the timeline."""
         for lab_vm in self.vms:
-            if lab_vm.backend is None:
-                continue
-            for event in lab_vm.backend.events():
-                self.timeline.add(
-                    f"{lab_vm.name}-backend", event.kind, event.message, at=event.time
-                )
+            for index, backend in enumerate(lab_vm.backends):
+                label = f"{lab_vm.name}-backend" + (str(index) if index else "")
+                for event in backend.events():
+                    self.timeline.add(label, event.kind, event.message, at=event.time)
 
     async def close(self) -> None:
         for lab_vm in self.vms:
             for task in lab_vm.extra_tasks:
                 task.cancel()
+            for controller in lab_vm.controllers:
+                with contextlib.suppress(Exception):
+                    await controller.stop()
             with contextlib.suppress(Exception):
                 await lab_vm.qmp.close()
             with contextlib.suppress(Exception):

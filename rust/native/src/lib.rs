@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use standby_net::{
     describe, virtio_net, BackendConfig, ConnectionState, DeviceEvent, DeviceHandle, MacAddr,
-    PortSpec, Server, ServerError, TimedEvent,
+    PortSpec, Server, ServerError, SteeringMode, TimedEvent,
 };
 
 create_exception!(
@@ -82,7 +82,18 @@ fn event_dict<'py>(py: Python<'py>, timed: &TimedEvent) -> PyResult<Bound<'py, P
             dict.set_item("connection", connection)?;
             dict.set_item("reason", reason)?;
         }
-        DeviceEvent::Announced { frames } => dict.set_item("frames", frames)?,
+        DeviceEvent::Announced { frames, answering } => {
+            dict.set_item("frames", frames)?;
+            dict.set_item("answering", answering)?;
+        }
+        DeviceEvent::SteeringMode { mode, reason } => {
+            dict.set_item("mode", mode)?;
+            dict.set_item("why", reason)?;
+        }
+        DeviceEvent::PathChanged { path, reason } => {
+            dict.set_item("path", path)?;
+            dict.set_item("why", reason)?;
+        }
         DeviceEvent::Failed { reason } => dict.set_item("reason", reason)?,
         DeviceEvent::Stopped => {}
     }
@@ -241,6 +252,41 @@ impl NativeBackend {
     #[pyo3(signature = (count = 1))]
     fn announce(&self, py: Python<'_>, count: u32) -> PyResult<u32> {
         py.detach(|| self.device.announce(count)).map_err(to_py_err)
+    }
+
+    /// Tell steering where the guest's primary is: off, standby, releasing, plugged, primary.
+    #[pyo3(signature = (mode, reason = ""))]
+    fn steer(&self, py: Python<'_>, mode: &str, reason: &str) -> PyResult<()> {
+        let mode = SteeringMode::parse(mode).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "steering mode: expected off, standby, releasing, plugged or primary, got {mode:?}"
+            ))
+        })?;
+        py.detach(|| self.device.steer(mode, reason))
+            .map_err(to_py_err)
+    }
+
+    /// Steering's state and counters, `None` for ports without a host switch.
+    fn steering<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(status) = self.device.steering_status() else {
+            return Ok(None);
+        };
+        let dict = PyDict::new(py);
+        dict.set_item("mode", status.mode.as_str())?;
+        dict.set_item("path", status.path.as_str())?;
+        dict.set_item("probe_mac", status.probe_mac.to_string())?;
+        let addresses: Vec<String> = status
+            .guest_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        dict.set_item("guest_addresses", addresses)?;
+        dict.set_item("announcements", status.announcements)?;
+        dict.set_item("probes", status.probes)?;
+        dict.set_item("answers", status.answers)?;
+        dict.set_item("held_back", status.held_back)?;
+        dict.set_item("looped", status.looped)?;
+        Ok(Some(dict))
     }
 }
 

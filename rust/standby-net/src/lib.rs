@@ -20,7 +20,6 @@
 //! # Ok::<(), standby_net::ServerError>(())
 //! ```
 
-mod announce;
 mod config;
 mod dirty_log;
 mod frontend_gate;
@@ -29,6 +28,7 @@ mod queue_pair;
 mod server;
 mod stats;
 mod status;
+pub mod steering;
 mod used_ring;
 mod vhu_net;
 pub mod virtio_net;
@@ -36,13 +36,13 @@ pub mod virtio_net;
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use announce::rarp_frame;
 pub use config::{BackendConfig, ConfigError, MacAddr, PortSpec, MAX_QUEUE_PAIRS};
 pub use dirty_log::DirtyLog;
 pub use port::{OpenPortError, OpenTapError};
 pub use server::{DeviceHandle, Server, ServerError};
 pub use stats::QueueStats;
 pub use status::{describe, ConnectionState, DeviceEvent, Negotiation, TimedEvent};
+pub use steering::{Mode as SteeringMode, Path as SteeringPath, SteeringStatus};
 
 /// Guest memory as this device maps it: each region logs dirty pages on demand.
 pub type GuestMemory = GuestMemoryMmap<DirtyLog>;

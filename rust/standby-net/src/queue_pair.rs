@@ -256,6 +256,7 @@ impl TxVirtio {
                                 delta.bytes += (len - link.vnet_hdr_len) as u64;
                             }
                             Ok(TxOutcome::Dropped) => delta.drops += 1,
+                            Ok(TxOutcome::Filtered) => {}
                             Ok(TxOutcome::Busy) => {
                                 // Leave the chain in the ring; it is offered again later.
                                 chains.go_to_previous_position();

@@ -22,12 +22,12 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::announce::rarp_frame;
 use crate::config::{BackendConfig, ConfigError};
 use crate::frontend_gate::FrontendGate;
-use crate::port::{open_ports, HostWriter, OpenPortError, SharedPort};
+use crate::port::{open_ports, OpenPortError, Port, SharedPort};
 use crate::stats::{DeviceCounters, QueueStats};
 use crate::status::{ConnectionState, DeviceEvent, DeviceStatus, Negotiation, TimedEvent};
+use crate::steering::{Mode, Steering, SteeringPort, SteeringStatus, SteeringThread};
 use crate::vhu_net::{DeviceOffer, VhostUserNet};
 use crate::virtio_net::{protocol_features, BASE_FEATURES, F_MQ};
 
@@ -54,8 +54,10 @@ pub enum ServerError {
     SpawnThread(#[source] io::Error),
     #[error("already started")]
     AlreadyStarted,
-    #[error("the host port cannot send announcements (port {port})")]
-    CannotAnnounce { port: String },
+    #[error("the host port cannot reach the host's switch (port {port}; steering needs tap:NAME)")]
+    CannotSteer { port: String },
+    #[error("cannot start the steering thread")]
+    SpawnSteering(#[source] io::Error),
     #[error("cannot send an announcement on {interface}")]
     Announce {
         interface: String,
@@ -69,7 +71,8 @@ struct Shared {
     config: BackendConfig,
     offer: DeviceOffer,
     ports: Vec<SharedPort>,
-    host_writer: Option<HostWriter>,
+    /// Present when the port reaches a host switch (TAP).
+    steering: Option<Arc<Steering>>,
     counters: Arc<DeviceCounters>,
     status: Arc<DeviceStatus>,
     stopping: AtomicBool,
@@ -114,28 +117,40 @@ impl DeviceHandle {
         self.shared.status.wait_state(timeout, done)
     }
 
+    fn steering(&self) -> Result<&Steering, ServerError> {
+        self.shared
+            .steering
+            .as_deref()
+            .ok_or_else(|| ServerError::CannotSteer {
+                port: self.shared.config.port.to_string(),
+            })
+    }
+
     /// Send `count` announcements of the guest's MAC on the host side.
     pub fn announce(&self, count: u32) -> Result<u32, ServerError> {
-        let writer =
-            self.shared
-                .host_writer
-                .as_ref()
-                .ok_or_else(|| ServerError::CannotAnnounce {
-                    port: self.shared.config.port.to_string(),
-                })?;
-        let frame = rarp_frame(self.shared.config.mac);
-        for _ in 0..count {
-            writer
-                .send(&frame)
-                .map_err(|source| ServerError::Announce {
-                    interface: writer.interface().to_string(),
-                    source,
-                })?;
-        }
-        self.shared
-            .status
-            .push(DeviceEvent::Announced { frames: count });
-        Ok(count)
+        let steering = self.steering()?;
+        let sent = steering
+            .announce(count)
+            .map_err(|source| ServerError::Announce {
+                interface: steering.interface().to_string(),
+                source,
+            })?;
+        self.shared.status.push(DeviceEvent::Announced {
+            frames: sent,
+            answering: false,
+        });
+        Ok(sent)
+    }
+
+    /// Tell steering where the guest's primary is (see [`crate::steering`]).
+    pub fn steer(&self, mode: Mode, reason: &str) -> Result<(), ServerError> {
+        self.steering()?.set_mode(mode, reason);
+        Ok(())
+    }
+
+    /// Steering's state and counters; `None` for ports without a host switch.
+    pub fn steering_status(&self) -> Option<SteeringStatus> {
+        self.shared.steering.as_ref().map(|s| s.status())
     }
 }
 
@@ -192,6 +207,7 @@ pub struct Server {
     shared: Arc<Shared>,
     socket: Option<PublicSocket>,
     thread: Option<JoinHandle<()>>,
+    steering_thread: Option<SteeringThread>,
 }
 
 impl Server {
@@ -214,12 +230,26 @@ impl Server {
             offer.features,
             offer.protocol_features.bits(),
         ));
+        let steering = opened
+            .host_side
+            .map(|host| Steering::new(config.mac, host, Arc::clone(&status)));
+        let ports = opened
+            .ports
+            .into_iter()
+            .map(|port| {
+                let port: Box<dyn Port> = match &steering {
+                    Some(steering) => Box::new(SteeringPort::new(port, Arc::clone(steering))),
+                    None => port,
+                };
+                Arc::new(Mutex::new(port))
+            })
+            .collect();
         let shared = Shared {
             counters: Arc::new(DeviceCounters::new(config.num_queues())),
             config,
             offer,
-            ports: opened.ports,
-            host_writer: opened.host_writer,
+            ports,
+            steering,
             status,
             stopping: AtomicBool::new(false),
             stop_event: EventFd::new(EFD_NONBLOCK).map_err(ServerError::StopEvent)?,
@@ -229,6 +259,7 @@ impl Server {
             shared: Arc::new(shared),
             socket: None,
             thread: None,
+            steering_thread: None,
         })
     }
 
@@ -247,6 +278,9 @@ impl Server {
         let config = &self.shared.config;
         if !config.client {
             self.socket = Some(bind(&config.socket_path)?);
+        }
+        if let Some(steering) = &self.shared.steering {
+            self.steering_thread = Some(steering.spawn().map_err(ServerError::SpawnSteering)?);
         }
         let shared = Arc::clone(&self.shared);
         let socket = self.socket.take();
@@ -270,6 +304,10 @@ impl Server {
                 log::error!("the connection thread panicked");
             }
         }
+        if let Some(steering) = &self.shared.steering {
+            steering.set_mode(Mode::Off, "backend stopped");
+        }
+        self.steering_thread.take();
     }
 }
 

@@ -64,9 +64,21 @@ pub enum DeviceEvent {
         connection: u64,
         reason: Option<String>,
     },
-    /// Announcement frames sent on the host side.
+    /// Announcement frames sent on the host side; `answering` when they answer
+    /// someone else announcing the guest's MAC.
     Announced {
         frames: u32,
+        answering: bool,
+    },
+    /// The controller told steering where the guest's primary is.
+    SteeringMode {
+        mode: &'static str,
+        reason: String,
+    },
+    /// Steering now points the host's switch at `path` (`standby`, `primary`, `unknown`).
+    PathChanged {
+        path: &'static str,
+        reason: String,
     },
     Stopped,
     Failed {
@@ -85,6 +97,8 @@ impl DeviceEvent {
             Self::DirtyLogging { .. } => "dirty_logging",
             Self::Disconnected { .. } => "disconnected",
             Self::Announced { .. } => "announced",
+            Self::SteeringMode { .. } => "steering_mode",
+            Self::PathChanged { .. } => "path_changed",
             Self::Stopped => "stopped",
             Self::Failed { .. } => "failed",
         }
@@ -258,9 +272,19 @@ pub fn describe(event: &DeviceEvent) -> String {
             connection,
             reason: Some(reason),
         } => format!("connection {connection} closed: {reason}"),
-        DeviceEvent::Announced { frames } => {
-            format!("announced guest MAC on host port ({frames} frame(s))")
-        }
+        DeviceEvent::Announced {
+            frames,
+            answering: false,
+        } => format!("announced guest MAC on host port ({frames} frame(s))"),
+        DeviceEvent::Announced {
+            frames,
+            answering: true,
+        } => format!(
+            "announced guest MAC on host port ({frames} frame(s)), answering an \
+             announcement of it from another port"
+        ),
+        DeviceEvent::SteeringMode { mode, reason } => format!("steering mode {mode}: {reason}"),
+        DeviceEvent::PathChanged { path, reason } => format!("steering to the {path}: {reason}"),
         DeviceEvent::Stopped => "stopped".to_string(),
         DeviceEvent::Failed { reason } => format!("failed: {reason}"),
     }

@@ -8,6 +8,7 @@ mod loopback;
 mod null;
 mod open_tap;
 mod tap;
+mod tap_injector;
 mod tap_port;
 
 use std::io;
@@ -18,6 +19,7 @@ use thiserror::Error;
 use vm_memory::GuestAddress;
 
 use crate::config::PortSpec;
+use crate::steering::HostSide;
 use crate::virtio_net::OFFLOAD_FEATURES;
 use crate::GuestMemory;
 
@@ -25,6 +27,7 @@ pub use loopback::LoopPort;
 pub use null::NullPort;
 pub use open_tap::{open_tap_queues, OpenTapError};
 pub use tap::{HostWriter, Tap};
+pub use tap_injector::TapInjector;
 
 /// One guest frame in guest memory: the virtio-net header, then the Ethernet frame,
 /// spread over the readable descriptors of a transmit chain.
@@ -45,6 +48,8 @@ pub enum TxOutcome {
     Dropped,
     /// Cannot be taken now; offer it again after the port made room.
     Busy,
+    /// Kept from the host side on purpose (steering); counted by steering.
+    Filtered,
 }
 
 /// The host side of one queue pair.
@@ -83,30 +88,30 @@ pub enum OpenPortError {
 
 /// The ports of a device, and the virtio features they can support.
 pub struct OpenPorts {
-    pub ports: Vec<SharedPort>,
+    pub ports: Vec<Box<dyn Port>>,
     /// Offload features the ports can honour (a subset of [`OFFLOAD_FEATURES`]).
     pub offload_features: u64,
-    /// Writes frames onto the host side from outside the datapath (announcements).
-    pub host_writer: Option<HostWriter>,
+    /// Both sides of a TAP, for steering: writes onto the host side from outside the
+    /// datapath, and frames queued for the guest.
+    pub host_side: Option<HostSide>,
 }
 
 /// Open one port per queue pair.
 pub fn open_ports(spec: &PortSpec, queue_pairs: u16) -> Result<OpenPorts, OpenPortError> {
-    let shared = |port: Box<dyn Port>| Arc::new(Mutex::new(port));
     match spec {
         PortSpec::Null => Ok(OpenPorts {
             ports: (0..queue_pairs)
-                .map(|_| shared(Box::new(NullPort)))
+                .map(|_| Box::new(NullPort) as Box<dyn Port>)
                 .collect(),
             offload_features: 0,
-            host_writer: None,
+            host_side: None,
         }),
         PortSpec::Loop => Ok(OpenPorts {
             ports: (0..queue_pairs)
-                .map(|_| shared(Box::<LoopPort>::default()))
+                .map(|_| Box::<LoopPort>::default() as Box<dyn Port>)
                 .collect(),
             offload_features: 0,
-            host_writer: None,
+            host_side: None,
         }),
         PortSpec::Tap { name } => {
             let opened = open_tap_queues(name, queue_pairs)?;
@@ -116,11 +121,14 @@ pub fn open_ports(spec: &PortSpec, queue_pairs: u16) -> Result<OpenPorts, OpenPo
                 0
             };
             Ok(OpenPorts {
-                host_writer: Some(opened.host_writer),
+                host_side: Some(HostSide {
+                    writer: opened.host_writer,
+                    injector: opened.injector,
+                }),
                 ports: opened
                     .ports
                     .into_iter()
-                    .map(|port| shared(Box::new(port)))
+                    .map(|port| Box::new(port) as Box<dyn Port>)
                     .collect(),
                 offload_features,
             })

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use super::tap_port::TapPort;
-use super::{HostWriter, Tap};
+use super::{HostWriter, Tap, TapInjector};
 use crate::virtio_net::VNET_HDR_LEN_V1;
 
 #[derive(Debug, Error)]
@@ -37,11 +37,18 @@ pub enum OpenTapError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open a packet socket on TAP {name:?} (needs CAP_NET_RAW)")]
+    PacketSocket {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 pub struct OpenedTap {
     pub ports: Vec<TapPort>,
     pub host_writer: HostWriter,
+    pub injector: TapInjector,
     /// The TAP accepts checksum and segmentation offloads.
     pub offloads_supported: bool,
 }
@@ -89,6 +96,10 @@ pub fn open_tap_queues(name: &str, queue_pairs: u16) -> Result<OpenedTap, OpenTa
             source,
         })?;
     let host_writer = HostWriter::new(writer_tap, Arc::clone(&vnet_hdr_len));
+    let injector = TapInjector::open(&name).map_err(|source| OpenTapError::PacketSocket {
+        name: name.clone(),
+        source,
+    })?;
     let ports = taps
         .into_iter()
         .map(|tap| TapPort::new(tap, offloads_supported, Arc::clone(&vnet_hdr_len)))
@@ -96,6 +107,7 @@ pub fn open_tap_queues(name: &str, queue_pairs: u16) -> Result<OpenedTap, OpenTa
     Ok(OpenedTap {
         ports,
         host_writer,
+        injector,
         offloads_supported,
     })
 }

@@ -1,0 +1,142 @@
+"""The commands as an operator runs them: ``run`` processes serving a VM's standby,
+and one-shot commands (``migrate``, ``status``, ``cancel``) on a QEMU's second QMP
+socket."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from failover_backend.lab.hostnet import unique_name
+from failover_backend.lab.scenario import Lab, pair_mac
+
+CONFIG = """
+[backend]
+socket = "{socket}"
+port = "tap:{tap}"
+mac = "{mac}"
+
+[qemu]
+qmp = "{qmp}"
+standby = "standby0"
+
+[primary]
+id = "primary0"
+driver = "e1000e"
+bus = "root1"
+properties = {{ netdev = "hostnet0", romfile = "" }}
+
+[primary.netdev]
+type = "tap"
+id = "hostnet0"
+ifname = "{primary_tap}"
+script = "no"
+downscript = "no"
+
+[timeouts]
+qmp = 30
+negotiation = 60
+wait_unplug = {wait_unplug}
+"""
+
+
+@dataclass
+class RunProcess:
+    """A ``python -m failover_backend run`` for one VM, its output collected."""
+
+    process: asyncio.subprocess.Process
+    socket: Path
+    tap: str
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for raw in self.process.stdout:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    async def wait_for(self, text: str, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not any(text in line for line in self.lines):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"run never said {text!r}:\n{self.output}")
+            await asyncio.sleep(0.1)
+
+    async def exit_code(self, timeout: float = 30) -> int:
+        """Wait for ``run`` to end by itself."""
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self.reader is not None:
+            await self.reader
+        return code
+
+    async def stop(self, timeout: float = 30) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await self.exit_code(timeout)
+
+
+async def start_run(lab: Lab, name: str, *, guest: int = 0, wait_unplug: float = 30) -> RunProcess:
+    """A ``run`` process for VM ``name`` (QEMU started after it, with this socket):
+    its backend listens before QEMU starts, and it plugs the primary itself."""
+    socket = lab.workdir / f"{name}-run.sock"
+    tap = unique_name("fbsb")
+    config = lab.workdir / f"{name}.toml"
+    config.write_text(
+        CONFIG.format(
+            socket=socket,
+            tap=tap,
+            mac=pair_mac(0, guest),
+            qmp=lab.workdir / f"{name}-qmp.sock",
+            primary_tap=lab.network.add_tap("fbpr"),
+            wait_unplug=wait_unplug,
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "failover_backend",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    run = RunProcess(process, socket, tap)
+    run.reader = asyncio.create_task(run._read())
+    for _ in range(200):
+        if socket.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert socket.exists(), f"{name}: run did not start its backend:\n{run.output}"
+    lab.network.attach(tap)
+    return run
+
+
+async def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "failover_backend", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+async def start_cli(*args: str) -> asyncio.subprocess.Process:
+    """A command left running (to be killed, as an operator's tool might be)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "failover_backend",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
