@@ -50,8 +50,9 @@ def analyse(
     consoles: Iterable[GuestConsole],
     start: float | None = None,
     end: float | None = None,
+    vms: Iterable[str] | None = None,
 ) -> Continuity:
-    windows = explain(trace.gaps(start, end), timeline, consoles)
+    windows = explain(trace.gaps(start, end), timeline, consoles, vms)
     for window in windows:
         timeline.add(
             "host-ping", "lost", f"{window.gap.seconds:.2f} s: {window.cause}", at=window.gap.start

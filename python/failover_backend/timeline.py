@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -32,6 +33,12 @@ class Timeline:
     @property
     def entries(self) -> list[TimelineEntry]:
         return sorted(self._entries, key=lambda e: e.time)
+
+    def only(self, keep: Callable[[TimelineEntry], bool]) -> Timeline:
+        """A copy with the entries ``keep`` accepts."""
+        copy = Timeline()
+        copy._entries = [e for e in self._entries if keep(e)]
+        return copy
 
     def find(self, source: str, what: str) -> TimelineEntry | None:
         """The first entry from ``source`` about ``what``."""

@@ -134,10 +134,20 @@ def switch_over_windows(timeline: Timeline) -> list[Cause]:
 
 
 def explain(
-    gaps: Iterable[Gap], timeline: Timeline, consoles: Iterable[GuestConsole]
+    gaps: Iterable[Gap],
+    timeline: Timeline,
+    consoles: Iterable[GuestConsole],
+    vms: Iterable[str] | None = None,
 ) -> list[Window]:
-    """Each gap with the causes that overlap it."""
+    """Each gap with the causes that overlap it.
+
+    :param vms: Only the timeline entries of these QEMUs (and their backends) count,
+        when several guests share the timeline.
+    """
     consoles = list(consoles)
+    if vms is not None:
+        names = tuple(vms)
+        timeline = timeline.only(lambda e: e.source.startswith(names))
     causes = (
         primary_leaving_windows(timeline, consoles)
         + switch_over_windows(timeline)
