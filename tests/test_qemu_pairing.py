@@ -1,4 +1,4 @@
-"""QEMU's failover scenario matrix, on a real guest.
+"""QEMU's failover scenario matrix, on a real guest, migrations included.
 
 The scenarios of QEMU's own failover qtest (tests/qtest/virtio-net-failover.c),
 ported to a Linux guest with net_failover, this project's backend as the standby's
@@ -17,8 +17,9 @@ from conftest import run
 from failover_backend.controller import FailoverController
 from failover_backend.errors import MonitorCommandError, NegotiationTimeout, PairingError
 from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
+from failover_backend.migration import Migration, MigrationOptions, MigrationReport
 from failover_backend.negotiation import guest_features, wait_negotiated
-from failover_backend.pairing import PrimaryConfig, check_pairing
+from failover_backend.pairing import PrimaryConfig, check_pairing, failover_pairs
 from failover_backend.primary import Primary
 from failover_backend.standby import attach_standby, detach_standby
 from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved, wait_primary_gone
@@ -225,5 +226,122 @@ def test_pairing_errors_are_reported_by_rule_before_qemu_sees_them() -> None:
             }
             missing = await check_pairing(vm.qmp, "nosuchstandby", primary_config())
             assert missing[0].rule == "standby-exists"
+
+    run(scenario())
+
+
+async def migrate(lab: Lab, source: LabVM, target: LabVM) -> MigrationReport:
+    return await Migration(
+        source.qmp,
+        target.qmp,
+        f"unix:{lab.workdir}/migration.sock",
+        MigrationOptions(),
+        timeline=lab.timeline,
+    ).run()
+
+
+def migration_states(vm: LabVM) -> list[str]:
+    return [
+        str(e.data["status"]) if e.name == "MIGRATION" else e.name
+        for e in vm.qmp.events
+        if e.name in ("MIGRATION", "UNPLUG_PRIMARY")
+    ]
+
+
+def test_migration_with_failover_off_unplugs_nothing() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            source = await lab.vm("source", failover=False)
+            target = await lab.vm("target", failover=False, incoming=True)
+            assert await source.boot() == ""
+            report = await migrate(lab, source, target)
+            assert report.completed, report.summary()
+            assert migration_states(source) == ["setup", "active", "completed"]
+            assert report.pairs == {}, "no failover pair to take care of"
+            # The e1000e is an ordinary NIC here: it migrates with the VM.
+            assert "primary0" in await target.qmp.visible_device_ids()
+            drivers = {d.driver for d in (await netdevs(target.console)).values()}
+            assert {"virtio_net", "e1000e"} <= drivers
+
+    run(scenario())
+
+
+def test_migration_of_a_guest_without_standby_leaves_the_primary_hidden() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            blacklist = ["module_blacklist=net_failover"]
+            source = await lab.vm("source", kernel_args=blacklist)
+            target = await lab.vm("target", kernel_args=blacklist, incoming=True)
+            assert await source.boot() == ""
+            primary = Primary(source.qmp, primary_config())
+            assert not await primary.exists(), "hidden: the guest never negotiated"
+            mark = target.qmp.mark()
+            report = await migrate(lab, source, target)
+            assert report.completed, report.summary()
+            assert migration_states(source) == ["setup", "active", "completed"]
+            assert target.qmp.events_named("FAILOVER_NEGOTIATED", mark) == []
+            assert not await Primary(target.qmp, primary_config()).exists()
+            assert "primary0" not in await target.qmp.visible_device_ids()
+
+    run(scenario())
+
+
+def test_a_primary_added_before_its_standby_pairs_when_the_standby_comes() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", standby=False, primary=False)
+            assert await vm.boot() == ""
+            # No standby yet to hide behind: the primary is visible at once.
+            spec = lab.primary()
+            await vm.qmp.execute("netdev_add", spec.netdev_args())
+            await vm.qmp.execute("device_add", primary_config().device_add_args())
+            assert "primary0" in await vm.qmp.visible_device_ids()
+            for _ in range(50):
+                if any(d.driver == "e1000e" for d in (await netdevs(vm.console)).values()):
+                    break
+                await asyncio.sleep(0.2)
+            assert masters(await netdevs(vm.console)) == set()
+
+            backend = lab.backend("late")
+            mark = vm.qmp.mark()
+            await attach_standby(
+                vm.qmp,
+                device_id="standby0",
+                socket_path=backend.socket_path,
+                mac=GUEST_MAC,
+                bus="root2",
+                legacy_interrupts=True,
+            )
+            await wait_negotiated(vm.qmp, "standby0", timeout=30, since=mark)
+            # net_failover takes the NIC that was there first as the primary.
+            master = await wait_master(vm)
+            devs = await netdevs(vm.console)
+            assert {d.driver for d in devs.values() if d.master == master} == {
+                "virtio_net",
+                "e1000e",
+            }, devs
+
+    run(scenario())
+
+
+def test_a_primary_naming_a_missing_standby_is_not_hidden_nor_paired_by_qemu() -> None:
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm("vm", primary_kwargs={"pair_id": "nosuchstandby"})
+            # Nothing hides it: it is visible from the start, next to the standby.
+            assert "primary0" in await vm.qmp.visible_device_ids()
+            (controller,) = vm.controllers
+            await vm.boot()
+            # QEMU does not take it for the standby's primary (it would not unplug it
+            # for a migration); the controller says the standby has none.
+            assert await failover_pairs(vm.qmp) == {"standby0": None}
+            await controller.wait_warning("has no primary", timeout=30)
+            violations = await check_pairing(
+                vm.qmp, "standby0", primary_config(pair_id="nosuchstandby")
+            )
+            assert "primary-pair-id" in {v.rule for v in violations}
+            # The guest pairs by MAC alone: it enslaves the NIC all the same.
+            devs = await netdevs(vm.console)
+            assert {d.driver for d in devs.values() if d.master} == {"virtio_net", "e1000e"}
 
     run(scenario())
