@@ -44,15 +44,44 @@ wait_unplug = {wait_unplug}
 """
 
 
+PAIR = """
+[[pair]]
+standby = "standby{index}"
+
+[pair.backend]
+socket = "{socket}"
+port = "tap:{tap}"
+mac = "{mac}"
+
+[pair.primary]
+id = "primary{index}"
+driver = "e1000e"
+bus = "root{bus}"
+properties = {{ netdev = "hostnet{index}", romfile = "" }}
+
+[pair.primary.netdev]
+type = "tap"
+id = "hostnet{index}"
+ifname = "{primary_tap}"
+script = "no"
+downscript = "no"
+"""
+
+
 @dataclass
 class RunProcess:
     """A ``python -m failover_backend run`` for one VM, its output collected."""
 
     process: asyncio.subprocess.Process
-    socket: Path
-    tap: str
+    sockets: list[Path]
+    taps: list[str]
     lines: list[str] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
+
+    @property
+    def socket(self) -> Path:
+        """The first pair's socket."""
+        return self.sockets[0]
 
     @property
     def output(self) -> str:
@@ -83,22 +112,37 @@ class RunProcess:
         return await self.exit_code(timeout)
 
 
-async def start_run(lab: Lab, name: str, *, guest: int = 0, wait_unplug: float = 30) -> RunProcess:
-    """A ``run`` process for VM ``name`` (QEMU started after it, with this socket):
-    its backend listens before QEMU starts, and it plugs the primary itself."""
-    socket = lab.workdir / f"{name}-run.sock"
-    tap = unique_name("fbsb")
-    config = lab.workdir / f"{name}.toml"
-    config.write_text(
-        CONFIG.format(
-            socket=socket,
-            tap=tap,
+async def start_run(
+    lab: Lab, name: str, *, guest: int = 0, wait_unplug: float = 30, pairs: int = 1
+) -> RunProcess:
+    """A ``run`` process for VM ``name`` (QEMU started after it, with these sockets):
+    its backends listen before QEMU starts, and it plugs the primaries itself. One
+    pair is written the one-pair way, several as ``[[pair]]`` tables."""
+    sockets = [lab.workdir / f"{name}-run{index}.sock" for index in range(pairs)]
+    taps = [unique_name("fbsb") for _ in range(pairs)]
+    qmp = lab.workdir / f"{name}-qmp.sock"
+    if pairs == 1:
+        text = CONFIG.format(
+            socket=sockets[0],
+            tap=taps[0],
             mac=pair_mac(0, guest),
-            qmp=lab.workdir / f"{name}-qmp.sock",
+            qmp=qmp,
             primary_tap=lab.network.add_tap("fbpr"),
             wait_unplug=wait_unplug,
         )
-    )
+    else:
+        text = f'[qemu]\nqmp = "{qmp}"\n\n[timeouts]\nwait_unplug = {wait_unplug}\n'
+        for index in range(pairs):
+            text += PAIR.format(
+                index=index,
+                socket=sockets[index],
+                tap=taps[index],
+                mac=pair_mac(index, guest),
+                bus=2 * index + 1,
+                primary_tap=lab.network.add_tap("fbpr"),
+            )
+    config = lab.workdir / f"{name}.toml"
+    config.write_text(text)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -109,14 +153,15 @@ async def start_run(lab: Lab, name: str, *, guest: int = 0, wait_unplug: float =
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    run = RunProcess(process, socket, tap)
+    run = RunProcess(process, sockets, taps)
     run.reader = asyncio.create_task(run._read())
     for _ in range(200):
-        if socket.exists():
+        if all(socket.exists() for socket in sockets):
             break
         await asyncio.sleep(0.05)
-    assert socket.exists(), f"{name}: run did not start its backend:\n{run.output}"
-    lab.network.attach(tap)
+    assert all(s.exists() for s in sockets), f"{name}: run did not start:\n{run.output}"
+    for tap in taps:
+        lab.network.attach(tap)
     return run
 
 

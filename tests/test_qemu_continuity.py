@@ -22,6 +22,7 @@ from failover_backend.lab.scenario import Lab, LabVM
 from failover_backend.lab.traffic import HostPinger
 from failover_backend.migration import Migration, MigrationOptions, MigrationReport
 from guest import netdevs, wait_primary_enslaved
+from runproc import start_run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
 
@@ -108,51 +109,70 @@ def test_two_guests_migrated_at_once_stay_reachable() -> None:
 def test_a_guest_with_two_pairs_keeps_both_through_a_migration() -> None:
     async def scenario() -> None:
         async with Lab() as lab:
-            source = await lab.vm("source", pairs=2)
-            target = await lab.vm("target", pairs=2, incoming=True)
-            await source.boot()
-            for _ in range(60):
-                devs = await netdevs(source.console)
-                if sum(1 for d in devs.values() if d.driver == "e1000e" and d.carrier) == 2:
-                    break
-                await asyncio.sleep(0.5)
-            else:
-                raise AssertionError(f"both primaries not up: {devs}")
-            pingers = await pinged(lab, lab.pair_address(0), lab.pair_address(1))
-            start = time.time()
-            mark = target.qmp.mark()
-            report = await migrate(lab, source, target)
-            assert report.completed, report.summary()
-            assert report.pairs == {"standby0": "primary0", "standby1": "primary1"}
-            # Both primaries asked out before QEMU left wait-unplug, both back in on the
-            # target before the guest resumed there.
-            order = [
-                f"{e.name}:{e.data.get('device-id') or e.data.get('status')}"
-                for e in source.qmp.events
-                if e.name in ("UNPLUG_PRIMARY", "MIGRATION")
-            ]
-            assert order[:4] == [
-                "MIGRATION:setup",
-                "UNPLUG_PRIMARY:primary0",
-                "UNPLUG_PRIMARY:primary1",
-                "MIGRATION:wait-unplug",
-            ] or order[:4] == [
-                "MIGRATION:setup",
-                "UNPLUG_PRIMARY:primary1",
-                "UNPLUG_PRIMARY:primary0",
-                "MIGRATION:wait-unplug",
-            ], order
-            assert order[4:] == ["MIGRATION:active", "MIGRATION:completed"], order
-            negotiated = [
-                e.data["device-id"]
-                for e in target.qmp.events[mark:]
-                if e.name == "FAILOVER_NEGOTIATED"
-            ]
-            assert sorted(negotiated) == ["standby0", "standby1"]
-            assert report.primary_plugged_before_resume
-            assert {"primary0", "primary1"} <= await target.qmp.visible_device_ids()
-            await asyncio.sleep(5)
-            lab.backend_events_to_timeline()
+            # One `run` per side serves both standbys ([[pair]]) and plugs both primaries.
+            runs = {name: await start_run(lab, name, pairs=2) for name in ("source", "target")}
+            try:
+                vms = {
+                    name: await lab.vm(
+                        name,
+                        pairs=2,
+                        primary=False,
+                        incoming=name == "target",
+                        standby_sockets=runs[name].sockets,
+                        connect_qmp=False,
+                    )
+                    for name in ("source", "target")
+                }
+                source, target = vms["source"], vms["target"]
+                await source.boot()
+                for _ in range(120):
+                    devs = await netdevs(source.console)
+                    if sum(1 for d in devs.values() if d.driver == "e1000e" and d.carrier) == 2:
+                        break
+                    await asyncio.sleep(0.5)
+                else:
+                    raise AssertionError(f"both primaries not up: {devs}")
+                for index in range(2):
+                    await runs["source"].wait_for(
+                        f"standby{index}: steering to the primary", timeout=30
+                    )
+                pingers = await pinged(lab, lab.pair_address(0), lab.pair_address(1))
+                start = time.time()
+                mark = target.qmp.mark()
+                report = await migrate(lab, source, target)
+                assert report.completed, report.summary()
+                assert report.pairs == {"standby0": "primary0", "standby1": "primary1"}
+                assert await runs["source"].exit_code() == 0, runs["source"].output
+                # Both primaries asked out before QEMU left wait-unplug, both back in
+                # on the target before the guest resumed there.
+                order = [
+                    f"{e.name}:{e.data.get('device-id') or e.data.get('status')}"
+                    for e in source.qmp.events
+                    if e.name in ("UNPLUG_PRIMARY", "MIGRATION")
+                ]
+                assert order[0] == "MIGRATION:setup", order
+                assert sorted(order[1:3]) == ["UNPLUG_PRIMARY:primary0", "UNPLUG_PRIMARY:primary1"]
+                assert order[3:] == [
+                    "MIGRATION:wait-unplug",
+                    "MIGRATION:active",
+                    "MIGRATION:completed",
+                ], order
+                negotiated = [
+                    e.data["device-id"]
+                    for e in target.qmp.events[mark:]
+                    if e.name == "FAILOVER_NEGOTIATED"
+                ]
+                assert sorted(negotiated) == ["standby0", "standby1"]
+                assert report.primary_plugged_before_resume
+                assert {"primary0", "primary1"} <= await target.qmp.visible_device_ids()
+                for index in range(2):
+                    await runs["target"].wait_for(
+                        f"standby{index}: steering to the primary", timeout=30
+                    )
+                await asyncio.sleep(2)
+            finally:
+                for process in runs.values():
+                    await process.stop()
             print(lab.timeline.table())
             for index, pinger in enumerate(pingers):
                 trace = await pinger.stop()
@@ -160,7 +180,7 @@ def test_a_guest_with_two_pairs_keeps_both_through_a_migration() -> None:
                 print(f"pair {index}: {result.report()}")
                 assert_bounded(result)
 
-    run(scenario(), timeout=300)
+    run(scenario(), timeout=400)
 
 
 def test_a_migration_cancelled_after_the_release_plugs_the_primary_back() -> None:

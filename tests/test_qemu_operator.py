@@ -229,9 +229,10 @@ def test_a_restarted_backend_gets_its_qemu_back() -> None:
                     break
                 await asyncio.sleep(0.2)
             assert status.returncode == 1, status
-            assert "backend:   disconnected" in status.stdout and "no failover path" in (
-                status.stdout
-            )
+            assert (
+                f"backend:   disconnected (QEMU's side): no backend listens on {socket}; "
+                "no failover path"
+            ) in status.stdout, status.stdout
             refused = await cli(*migrate_args(lab, source, target))
             assert refused.returncode == 1
             assert "its backend is disconnected, so this migration has no failover path" in (

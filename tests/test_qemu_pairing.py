@@ -328,10 +328,11 @@ def test_a_primary_naming_a_missing_standby_is_not_hidden_nor_paired_by_qemu() -
     async def scenario() -> None:
         async with Lab() as lab:
             vm = await lab.vm("vm", primary_kwargs={"pair_id": "nosuchstandby"})
-            # Nothing hides it: it is visible from the start, next to the standby.
-            assert "primary0" in await vm.qmp.visible_device_ids()
+            # Nothing hides it: QEMU creates it from the start, next to the standby.
+            assert await Primary(vm.qmp, primary_config(pair_id="nosuchstandby")).exists()
             (controller,) = vm.controllers
             await vm.boot()
+            assert "primary0" in await vm.qmp.visible_device_ids()
             # QEMU does not take it for the standby's primary (it would not unplug it
             # for a migration); the controller says the standby has none.
             assert await failover_pairs(vm.qmp) == {"standby0": None}

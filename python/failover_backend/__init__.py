@@ -8,7 +8,14 @@ and migration steps.
 
 import logging
 
-from .backend import BackendEvent, BackendStats, Negotiation, QueueStats, StandbyBackend
+from .backend import (
+    BackendEvent,
+    BackendStats,
+    Negotiation,
+    QueueStats,
+    StandbyBackend,
+    SteeringStatus,
+)
 from .errors import BackendError, ConfigError, FailoverError
 from .qemu_args import shared_memory_args, standby_qemu_args
 
@@ -23,6 +30,7 @@ __all__ = [
     "Negotiation",
     "QueueStats",
     "StandbyBackend",
+    "SteeringStatus",
     "shared_memory_args",
     "standby_qemu_args",
 ]

@@ -24,7 +24,7 @@ from .negotiation import standby_negotiated, wait_negotiated
 from .pairing import find_primary, require_pairing
 from .primary import Primary, PrimaryState
 from .qmp import QmpEvent, QmpSession
-from .standby import backend_link
+from .standby import BackendLink, backend_link
 from .steering import PairSteering
 from .timeline import Timeline
 
@@ -51,18 +51,16 @@ class PairStatus:
     primary_id: str | None
     primary_state: PrimaryState | None
     migration: str | None
-    backend_link: str
-    """The vhost-user connection as QEMU sees it (``connected``, ``disconnected``...)."""
+    backend_link: BackendLink
+    """The vhost-user connection as QEMU sees it."""
     backend_state: str | None
     """The backend's own state, when it runs in this process."""
     steering: str | None = None
 
     def lines(self) -> list[str]:
-        backend = f"{self.backend_link} (QEMU's side)"
+        backend = self.backend_link.describe()
         if self.backend_state is not None:
-            backend += f", {self.backend_state} (backend's side)"
-        if self.backend_link == "disconnected":
-            backend += ": no failover path; is the standby's backend running?"
+            backend += f"; {self.backend_state} (backend's side)"
         lines = [
             f"VM:        {self.run_state}",
             f"standby:   {self.standby_id} "
@@ -79,7 +77,7 @@ class PairStatus:
     @property
     def healthy(self) -> bool:
         """The pair can fail over: the standby's backend is connected."""
-        return self.backend_link == "connected"
+        return self.backend_link.state == "connected"
 
 
 class FailoverController:

@@ -247,7 +247,7 @@ class Migration:
         target_pairs = await failover_pairs(self.target)
         for standby in self.pairs:
             link = await backend_link(self.source, standby)
-            if link == "disconnected":
+            if link.state == "disconnected":
                 problem = (
                     f"source standby {standby}: its backend is disconnected, so this "
                     "migration has no failover path (traffic stops while the primary is "
@@ -259,7 +259,7 @@ class Migration:
                     problems.append(problem)
             if standby not in target_pairs:
                 problems.append(f"target has no failover standby {standby!r}")
-            elif await backend_link(self.target, standby) == "disconnected":
+            elif (await backend_link(self.target, standby)).state == "disconnected":
                 problems.append(
                     f"target's standby backend is not connected (standby {standby}); "
                     "is the target's backend running?"

@@ -9,6 +9,7 @@ what it made if a later step fails; detach removes them in reverse.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,67 @@ async def standby_chardev(qmp: QmpSession, standby_id: str) -> str | None:
     return None
 
 
-async def backend_link(qmp: QmpSession, standby_id: str) -> str:
-    """The standby's vhost-user connection as QEMU sees it: ``connected``,
-    ``disconnected`` (no backend: no failover path), or ``not vhost-user``."""
+@dataclass(frozen=True)
+class BackendLink:
+    """The standby's vhost-user connection as QEMU sees it."""
+
+    state: str
+    """``connected``, ``disconnected`` (no backend: no failover path), or
+    ``not vhost-user``."""
+    socket: str | None = None
+    """The vhost-user socket's path."""
+
+    @property
+    def listening(self) -> bool:
+        """A process listens on the socket (a backend QEMU is about to reconnect to);
+        a file left by a killed backend does not count."""
+        return self.socket is not None and self.socket in _listening_unix_sockets()
+
+    def describe(self) -> str:
+        text = f"{self.state} (QEMU's side)"
+        if self.socket is None:
+            return text
+        if self.state == "disconnected":
+            if self.listening:
+                return f"{text}: a backend listens on {self.socket}, QEMU reconnects"
+            return f"{text}: no backend listens on {self.socket}; no failover path"
+        return f"{text}, socket {self.socket}"
+
+
+#: ``__SO_ACCEPTCON`` in /proc/net/unix's flags: the socket listens.
+_SO_ACCEPTCON = 0x10000
+
+
+def _listening_unix_sockets() -> set[str]:
+    """Paths of the Unix sockets something listens on, from /proc/net/unix (no
+    connection made: a probe would be a frontend to the backend)."""
+    paths: set[str] = set()
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return paths
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and int(fields[3], 16) & _SO_ACCEPTCON:
+            paths.add(fields[7])
+    return paths
+
+
+async def backend_link(qmp: QmpSession, standby_id: str) -> BackendLink:
+    """The standby's vhost-user connection, as QEMU reports it (``query-chardev``)."""
     chardev = await standby_chardev(qmp, standby_id)
     if chardev is None:
-        return "not vhost-user"
+        return BackendLink("not vhost-user")
     for device in await qmp.execute("query-chardev"):
         if device["label"] == chardev:
-            if str(device["filename"]).startswith("disconnected"):
-                return "disconnected"
-            return "connected"
-    return "not vhost-user"
+            filename = str(device["filename"])
+            state = "disconnected" if filename.startswith("disconnected") else "connected"
+            address = filename.removeprefix("disconnected:")
+            socket = (
+                address.removeprefix("unix:").split(",")[0] if address.startswith("unix:") else None
+            )
+            return BackendLink(state, socket)
+    return BackendLink("not vhost-user")
 
 
 async def free_root_ports(qmp: QmpSession) -> list[str]:

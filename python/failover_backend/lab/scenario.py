@@ -176,6 +176,7 @@ class Lab:
         extra_args: list[str] | None = None,
         kernel_args: list[str] | None = None,
         standby_socket: Path | None = None,
+        standby_sockets: list[Path] | None = None,
         connect_qmp: bool = True,
         steer: bool = True,
     ) -> LabVM:
@@ -187,6 +188,7 @@ class Lab:
             and the target of one guest share it; two guests differ.
         :param standby_socket: Serve the (single) standby from a backend that already
             listens there (``run`` in another process) instead of one of the lab's.
+        :param standby_sockets: The same, one socket per pair.
         :param connect_qmp: Leave the first two QMP sockets to others (``run`` on the
             first, ``migrate``/``status`` on the second): the VM's session then
             watches events on the third, and no lab controller steers.
@@ -201,7 +203,7 @@ class Lab:
         for index in range(pairs):
             mac = pair_mac(index, guest)
             if standby:
-                socket = standby_socket
+                socket = standby_sockets[index] if standby_sockets else standby_socket
                 if socket is None:
                     backend = self.backend(f"{name}-{index}", mac=mac)
                     backends.append(backend)
