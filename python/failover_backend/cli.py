@@ -204,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    if args.log_level != "debug":
+        # qemu.qmp logs every connection's end at INFO; its errors reach us as exceptions.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         if args.command == "serve":
             return _run_serve(args)
@@ -230,7 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import demo  # the lab is big; only the demo needs it
 
-            return asyncio.run(demo(keep=args.keep, accel="kvm" if args.kvm else "tcg"))
+            return asyncio.run(
+                demo(
+                    keep=args.keep,
+                    accel="kvm" if args.kvm else "tcg",
+                    verbose=args.log_level == "debug",
+                )
+            )
     except ConfigError as err:
         if err.source is not None:
             # A bad file is not a bad command line: say what to fix, exit 1.

@@ -12,6 +12,7 @@ Everything is removed at the end.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -65,6 +66,24 @@ async def _wait_steered_to_primary(vm: LabVM, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.1)
 
 
+def _guest_to_timeline(lab: Lab, vms: list[LabVM]) -> None:
+    """What the guest reported of its failover slaves, where it ran."""
+    for vm in vms:
+        for change in vm.console.slave_changes():
+            slaves = " ".join(
+                f"{s.name}({s.driver or 'leaving'}, link {'up' if s.carrier else 'down'})"
+                for s in change.slaves
+            )
+            lab.timeline.add(f"{vm.name}-guest", "slaves", slaves, at=change.time)
+
+
+def _windows_to_timeline(lab: Lab, label: str, windows: list[Window]) -> None:
+    for window in windows:
+        lab.timeline.add(
+            label, "lost", f"{window.gap.seconds:.2f} s: {window.cause}", at=window.gap.start
+        )
+
+
 def _show(trace: PingTrace, windows: list[Window], origin: float) -> None:
     say(f"{len(trace.sent)} requests, {trace.lost} lost")
     for window in windows:
@@ -90,10 +109,13 @@ async def _migrate(lab: Lab, source: LabVM, target: LabVM) -> None:
     print(report.summary(), flush=True)
 
 
-async def demo(keep: bool = False, accel: str = "tcg") -> int:
+async def demo(keep: bool = False, accel: str = "tcg", verbose: bool = False) -> int:
     if os.geteuid() != 0:
         print("error: the demo needs root (TAP devices and a bridge)", flush=True)
         return 1
+    if not verbose:
+        # The story is told below; the controller's own log would repeat it.
+        logging.getLogger("failover_backend").setLevel(logging.WARNING)
     step("building the guest (Debian kernel + busybox initramfs; cached after the first run)")
     async with Lab(keep=keep, accel=accel) as lab:
         assert lab.image is not None
@@ -150,14 +172,21 @@ async def demo(keep: bool = False, accel: str = "tcg") -> int:
         outbound = await listener.stop()
         lab.backend_events_to_timeline()
 
-        step("timeline (QEMU events, backend events, controller actions)")
+        vms = [source, target, back]
+        _guest_to_timeline(lab, vms)
+        consoles = [vm.console for vm in vms]
+        inbound_windows = explain(inbound.gaps(steady), lab.timeline, consoles)
+        outbound_windows = explain(outbound.gaps(), lab.timeline, consoles)
+        _windows_to_timeline(lab, "host-ping", inbound_windows)
+        _windows_to_timeline(lab, "guest-ping", outbound_windows)
+
+        step("timeline (QEMU events, backends, controllers, the guest, traffic lost)")
         print(lab.timeline.table(), flush=True)
 
-        consoles = [source.console, target.console, back.console]
         step("host -> guest, steady and through the migration there")
-        _show(inbound, explain(inbound.gaps(steady), lab.timeline, consoles), there)
+        _show(inbound, inbound_windows, there)
         step("guest -> host, through the migration back")
-        _show(outbound, explain(outbound.gaps(), lab.timeline, consoles), back_start)
+        _show(outbound, outbound_windows, back_start)
         say("'primary registered, link down' is the guest's: net_failover drops what")
         say("arrives on the standby once a primary is registered, until its link is up")
 
