@@ -304,10 +304,12 @@ impl Server {
                 log::error!("the connection thread panicked");
             }
         }
-        if let Some(steering) = &self.shared.steering {
-            steering.set_mode(Mode::Off, "backend stopped");
+        if let Some(thread) = self.steering_thread.take() {
+            if let Some(steering) = &self.shared.steering {
+                steering.set_mode(Mode::Off, "backend stopped");
+            }
+            drop(thread);
         }
-        self.steering_thread.take();
     }
 }
 

@@ -6,11 +6,14 @@
 //! host side through the TAP ([`HostWriter`]) or toward the guest through the
 //! TAP's receive queue ([`TapInjector`]).
 //!
+//! Whatever the mode (but `off`), a frame of the guest's own that comes back from
+//! the switch is not delivered to it: the guest's failover master and both slaves
+//! share one MAC, so it would see a duplicate of its own addresses.
+//!
 //! The datapath pays for steering only on frames that matter: the mode's interest
-//! is kept in atomic flags, and the policy's lock is taken only for a probe's
-//! answer, or for a frame the current mode waits for (the first of the guest's
-//! frames through the standby while releasing, the first from the primary while
-//! converging).
+//! is kept in atomic flags (set after every change of the policy), and the policy's
+//! lock is taken only for a probe's answer or for a frame the mode waits for (the
+//! guest's traffic through the standby while it releases its primary).
 //!
 //! Probes need an address of the guest's: its IPv6 link-local address (modified
 //! EUI-64 of its MAC, Linux's default), and the IPv4 addresses seen in its ARP
@@ -27,9 +30,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-pub use frames::{arp_probe, link_local, neighbor_solicitation, rarp_announcement, FrameHead};
 pub use policy::{Mode, Path};
 pub use port::SteeringPort;
+
+use frames::{arp_probe, link_local, neighbor_solicitation, rarp_announcement, FrameHead};
 
 use crate::config::MacAddr;
 use crate::port::{HostWriter, TapInjector};
@@ -41,11 +45,13 @@ const MAX_GUEST_ADDRESSES: usize = 4;
 /// The thread's longest sleep when nothing is scheduled (it is woken for changes).
 const IDLE_WAIT: Duration = Duration::from_secs(3600);
 
-const HOLD_CHATTER: u8 = 1;
-const WATCH_GUEST_TRAFFIC: u8 = 2;
-const WATCH_GUEST_ELSEWHERE: u8 = 4;
-const ACTIVE: u8 = 8;
-const HOLD_DAD: u8 = 16;
+/// Flags the datapath reads without the policy's lock (see [`Policy`]'s methods of
+/// the same names).
+const ACTIVE: u8 = 1;
+const HOLD_CHATTER: u8 = 2;
+const HOLD_DAD: u8 = 4;
+const WATCH_GUEST_TRAFFIC: u8 = 8;
+const WATCH_GUEST_ELSEWHERE: u8 = 16;
 
 /// How steering reaches both sides of a TAP.
 pub struct HostSide {
