@@ -18,6 +18,7 @@ GET_FEATURES = 1
 SET_FEATURES = 2
 SET_OWNER = 3
 SET_MEM_TABLE = 5
+SET_LOG_BASE = 6
 SET_VRING_NUM = 8
 SET_VRING_ADDR = 9
 SET_VRING_BASE = 10
@@ -26,6 +27,7 @@ SET_VRING_CALL = 13
 GET_PROTOCOL_FEATURES = 15
 SET_PROTOCOL_FEATURES = 16
 SET_VRING_ENABLE = 18
+ADD_MEM_REG = 37
 
 VERSION = 0x1
 REPLY = 0x4
@@ -34,6 +36,7 @@ NEED_REPLY = 0x8
 F_VERSION_1 = 1 << 32
 F_PROTOCOL_FEATURES = 1 << 30
 PROTOCOL_F_REPLY_ACK = 1 << 3
+PROTOCOL_F_LOG_SHMFD = 1 << 1
 
 _HEADER = struct.Struct("<III")
 
@@ -157,9 +160,9 @@ class SharedMemory:
     #: What the fake frontend calls its own address of guest RAM.
     USER_ADDR = 0x7F00_0000_0000
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, flags: int = os.MFD_CLOEXEC) -> None:
         self.size = size
-        self.fd = os.memfd_create("fake-guest-ram")
+        self.fd = os.memfd_create("fake-guest-ram", flags)
         os.ftruncate(self.fd, size)
         self.map = mmap.mmap(self.fd, size)
 
@@ -176,3 +179,71 @@ class SharedMemory:
     def u16(self, addr: int) -> int:
         value: int = struct.unpack_from("<H", self.map, addr)[0]
         return value
+
+
+class SplitRings:
+    """Split virtqueues the fake frontend lays out in :class:`SharedMemory` and sets up
+    over a connection: descriptor table, then available ring, then used ring."""
+
+    def __init__(self, memory: SharedMemory, bases: dict[int, int], size: int = 16) -> None:
+        self.memory = memory
+        self.bases = bases
+        self.size = size
+        self.kicks = {queue: os.eventfd(0) for queue in bases}
+        self.calls = {queue: os.eventfd(0) for queue in bases}
+
+    def close(self) -> None:
+        for fd in [*self.kicks.values(), *self.calls.values()]:
+            os.close(fd)
+
+    def avail(self, queue: int) -> int:
+        return self.bases[queue] + 16 * self.size
+
+    def used(self, queue: int) -> int:
+        return (self.avail(queue) + 4 + 2 * self.size + 2 + 3) & ~3
+
+    def set_up(self, client: VhostUserClient) -> None:
+        user = SharedMemory.USER_ADDR
+        for queue, base in self.bases.items():
+            assert client.set_vring_num(queue, self.size) == 0
+            assert (
+                client.set_vring_addr(
+                    queue, user + base, user + self.used(queue), user + self.avail(queue)
+                )
+                == 0
+            )
+            assert client.set_vring_base(queue, 0) == 0
+            assert client.set_vring_fd(SET_VRING_CALL, queue, self.calls[queue]) == 0
+            assert client.set_vring_fd(SET_VRING_KICK, queue, self.kicks[queue]) == 0
+            assert client.set_vring_enable(queue, True) == 0
+
+    def descriptor(
+        self, queue: int, index: int, addr: int, length: int, *, writable: bool, next: int | None
+    ) -> None:
+        flags = (2 if writable else 0) | (1 if next is not None else 0)
+        self.memory.write(
+            self.bases[queue] + 16 * index, struct.pack("<QIHH", addr, length, flags, next or 0)
+        )
+
+    def make_available(self, queue: int, head: int) -> None:
+        avail = self.avail(queue)
+        idx = self.memory.u16(avail + 2)
+        self.memory.write(avail + 4 + 2 * (idx % self.size), struct.pack("<H", head))
+        self.memory.write(avail + 2, struct.pack("<H", (idx + 1) & 0xFFFF))
+
+    def add_chain(self, queue: int, index: int, addr: int, length: int, *, writable: bool) -> None:
+        """One descriptor, made available."""
+        self.descriptor(queue, index, addr, length, writable=writable, next=None)
+        self.make_available(queue, index)
+
+    def kick(self, queue: int) -> None:
+        os.eventfd_write(self.kicks[queue], 1)
+
+    def used_idx(self, queue: int) -> int:
+        return self.memory.u16(self.used(queue) + 2)
+
+    def used_entry(self, queue: int, i: int) -> tuple[int, int]:
+        entry: tuple[int, int] = struct.unpack(
+            "<II", self.memory.read(self.used(queue) + 4 + 8 * i, 8)
+        )
+        return entry

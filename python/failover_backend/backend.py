@@ -18,6 +18,7 @@ loop.
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import time
@@ -189,6 +190,12 @@ class StandbyBackend:
     :param client: Connect to a socket the frontend listens on, instead of listening.
     :param queue_size: Largest ring the frontend may pick.
     :param mtu: MTU advised to the guest.
+    :param socket_mode: Permission bits of the socket (server mode), whatever the umask.
+    :param socket_group: Group of the socket, by name or id (QEMU and libvirt often run
+        as another user than the backend).
+    :param handshake_timeout: Seconds a frontend may take to send its first request,
+        and to finish any request it starts; then it is closed and the next one served.
+        An idle frontend between requests is never closed.
     :raise ConfigError: When an argument is invalid (the message names it).
     :raise BackendError: When the port cannot be opened.
     """
@@ -203,6 +210,9 @@ class StandbyBackend:
         client: bool = False,
         queue_size: int = 1024,
         mtu: int = 1500,
+        socket_mode: int = 0o600,
+        socket_group: str | int | None = None,
+        handshake_timeout: float = 5.0,
     ) -> None:
         if not 1 <= queues <= 16:
             raise ConfigError("queues", f"must be between 1 and 16, got {queues}")
@@ -212,6 +222,16 @@ class StandbyBackend:
             )
         if not 68 <= mtu <= 65535:
             raise ConfigError("mtu", f"must be between 68 and 65535, got {mtu}")
+        if not 0 <= socket_mode <= 0o777:
+            raise ConfigError(
+                "socket_mode", f"expected permission bits up to 0o777, got {socket_mode:#o}"
+            )
+        group = group_id(socket_group)
+        if not 0 < handshake_timeout <= 3600:
+            raise ConfigError(
+                "handshake_timeout",
+                f"must be more than 0 and at most 3600 seconds, got {handshake_timeout}",
+            )
         try:
             with _native_errors():
                 self._native = _native.NativeBackend(
@@ -222,6 +242,9 @@ class StandbyBackend:
                     client=client,
                     queue_size=queue_size,
                     mtu=mtu,
+                    socket_mode=socket_mode,
+                    socket_group=group,
+                    handshake_timeout=handshake_timeout,
                 )
         except ValueError as err:
             field, _, message = str(err).partition(": ")
@@ -292,6 +315,22 @@ class StandbyBackend:
     def state(self) -> State:
         """``stopped``, ``listening``, ``connecting``, ``connected`` or ``failed``."""
         return self._native.state  # type: ignore[return-value]
+
+    @property
+    def failure(self) -> str | None:
+        """Why the device stopped serving for good (state ``failed``), if it has. It
+        does not recover by itself: stop it and start a new one (or let a supervisor
+        restart the process)."""
+        return self._native.failure
+
+    async def wait_failed(self) -> str:
+        """Wait until the device stops serving for good; returns why."""
+        while True:
+            try:
+                await self.wait_state(["failed"], timeout=3600)
+            except TimeoutError:
+                continue
+            return self.failure or "the device failed"
 
     @property
     def features(self) -> Negotiation:
@@ -436,6 +475,21 @@ class StandbyBackend:
             f"StandbyBackend({self.socket_path!r}, port={self.port!r}, mac={self.mac!r}, "
             f"queues={self.queues}, client={self.client}, state={self.state!r})"
         )
+
+
+def group_id(group: str | int | None) -> int | None:
+    """A group's id, from its name or id.
+
+    :raise ConfigError: When there is no such group.
+    """
+    if group is None or isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("socket_group", f"no group named {group!r} on this host") from None
 
 
 def _event(raw: dict[str, Any]) -> BackendEvent:

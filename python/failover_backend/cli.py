@@ -64,6 +64,18 @@ def _positive(value: str) -> float:
     return number
 
 
+def _mode(value: str) -> int:
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected octal permission bits like 0660, got {value!r}"
+        ) from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"expected permission bits up to 0777, got {value}")
+    return mode
+
+
 def _power_of_two(value: str) -> int:
     number = _bounded(64, 32768)(value)
     if number & (number - 1):
@@ -105,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--mtu", type=_bounded(68, 65535), default=1500, help="MTU (default 1500)"
+    )
+    serve_cmd.add_argument(
+        "--socket-mode",
+        type=_mode,
+        default=0o600,
+        help="permission bits of the socket, whatever the umask (default 0600)",
+    )
+    serve_cmd.add_argument(
+        "--socket-group", help="group of the socket, by name or id (QEMU's, libvirt's)"
+    )
+    serve_cmd.add_argument(
+        "--handshake-timeout",
+        type=_positive,
+        default=5.0,
+        help="seconds a frontend may take to send a request (default 5); then it is closed",
     )
 
     run_cmd = commands.add_parser(
@@ -193,6 +220,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         client=args.client,
         queue_size=args.queue_size,
         mtu=args.mtu,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        handshake_timeout=args.handshake_timeout,
     )
     return asyncio.run(serve(backend))
 

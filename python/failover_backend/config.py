@@ -10,6 +10,8 @@ One pair::
     mac = "52:54:00:12:34:56"     # the guest's MAC: the standby's and the primary's
     queues = 1
     client = false                # true: QEMU listens (chardev server=on)
+    socket_mode = 0o600           # who may connect (the default)
+    # socket_group = "kvm"        # QEMU's group, when QEMU runs as another user
 
     # The VM.
     [qemu]
@@ -86,6 +88,9 @@ class BackendSection:
     mac: str
     queues: int = 1
     client: bool = False
+    socket_mode: int = 0o600
+    socket_group: str | int | None = None
+    handshake_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,24 @@ def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection
     if not 1 <= queues <= 16:
         raise b.error("queues", f"must be between 1 and 16, got {queues}")
     client = b.get("client", bool, False)
+    mode = b.get("socket_mode", object, 0o600)
+    if isinstance(mode, str):
+        try:
+            mode = int(mode, 8)
+        except ValueError:
+            raise b.error(
+                "socket_mode", f'expected octal bits like "0660" or 0o660, got {mode!r}'
+            ) from None
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+        raise b.error("socket_mode", f'expected permission bits like 0o660 or "0660", got {mode!r}')
+    group = b.get("socket_group", object, None)
+    if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
+        raise b.error("socket_group", f'expected a group name or id like "kvm", got {group!r}')
+    handshake = b.get("handshake_timeout", float, 5.0)
+    if not 0 < handshake <= 3600:
+        raise b.error("handshake_timeout", f"must be 0 to 3600 seconds, got {handshake}")
     b.reject_unknown()
-    return BackendSection(socket, port, mac.lower(), queues, client)
+    return BackendSection(socket, port, mac.lower(), queues, client, mode, group, handshake)
 
 
 def _primary(

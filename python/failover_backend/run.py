@@ -40,11 +40,38 @@ async def _manage(controller: FailoverController, pair: PairSection, config: Run
 
 def _backend(pair: PairSection) -> StandbyBackend:
     b = pair.backend
-    return StandbyBackend(b.socket, port=b.port, mac=b.mac, queues=b.queues, client=b.client)
+    return StandbyBackend(
+        b.socket,
+        port=b.port,
+        mac=b.mac,
+        queues=b.queues,
+        client=b.client,
+        socket_mode=b.socket_mode,
+        socket_group=b.socket_group,
+        handshake_timeout=b.handshake_timeout,
+    )
 
 
 async def _until_first(*awaitables: asyncio.Future[Any]) -> None:
     await asyncio.wait(set(awaitables), return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _first_failure(pairs: tuple[PairSection, ...], backends: list[StandbyBackend]) -> VmEnd:
+    """A backend that cannot serve any more ends ``run`` (1), so a supervisor restarts it."""
+    waits = {
+        asyncio.ensure_future(backend.wait_failed()): pair.standby
+        for pair, backend in zip(pairs, backends)
+    }
+    try:
+        done, _ = await asyncio.wait(set(waits), return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        return VmEnd(
+            EXIT_FAILURE,
+            f"error: {waits[task]}: the backend cannot serve any more: {task.result()}",
+        )
+    finally:
+        for task in waits:
+            task.cancel()
 
 
 async def run_vm(config: RunConfig) -> int:
@@ -97,11 +124,14 @@ async def run_vm(config: RunConfig) -> int:
         life = asyncio.ensure_future(
             follow_vm(qmp, wait_unplug_timeout=config.timeouts.wait_unplug)
         )
-        await _until_first(life, stop_signal)
+        failed = asyncio.ensure_future(_first_failure(config.pairs, backends))
+        await _until_first(life, failed, stop_signal)
         if life.done():
             end = life.result()
-        else:
-            life.cancel()
+        elif failed.done():
+            end = failed.result()
+        life.cancel()
+        failed.cancel()
     except FailoverError as err:
         end = VmEnd(EXIT_FAILURE, f"error: {err}")
     finally:

@@ -23,13 +23,16 @@ async def log_events(backend: StandbyBackend, label: str | None = None) -> None:
 
 
 async def serve(backend: StandbyBackend) -> int:
-    """Serve until a stop signal; prints the QEMU arguments first and the counters last."""
+    """Serve until a stop signal (0) or until the device cannot serve any more (1, with
+    the cause, so a supervisor restarts it); prints the QEMU arguments first and the
+    counters last."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     backend.start()
     watcher = asyncio.create_task(log_events(backend))
+    code, failure = 0, ""
     try:
         print("QEMU arguments: " + shlex.join(backend.qemu_args()), flush=True)
         logger.info(
@@ -40,8 +43,16 @@ async def serve(backend: StandbyBackend) -> int:
             backend.mac,
             backend.queues,
         )
-        await stop.wait()
-        logger.info("stopping")
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(backend.wait_failed())
+        await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stopped, failed):
+            task.cancel()
+        if failed.done() and not failed.cancelled():
+            code, failure = 1, failed.result()
+            logger.error("the backend cannot serve any more: %s", failure)
+        else:
+            logger.info("stopping")
     finally:
         await loop.run_in_executor(None, backend.stop)
         # Let the watcher print the last events (disconnect, stopped).
@@ -50,4 +61,6 @@ async def serve(backend: StandbyBackend) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     print(backend.stats().table(), file=sys.stdout, flush=True)
-    return 0
+    if code:
+        print(f"error: the backend cannot serve any more: {failure}", file=sys.stderr, flush=True)
+    return code

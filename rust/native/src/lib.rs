@@ -14,8 +14,8 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use standby_net::{
-    describe, virtio_net, BackendConfig, ConnectionState, DeviceEvent, DeviceHandle, MacAddr,
-    PortSpec, Server, ServerError, SteeringMode, TimedEvent,
+    describe, virtio_net, BackendConfig, ConnectionState, Deadlines, DeviceEvent, DeviceHandle,
+    MacAddr, PortSpec, Server, ServerError, SocketAccess, SteeringMode, TimedEvent,
 };
 
 create_exception!(
@@ -71,7 +71,9 @@ fn event_dict<'py>(py: Python<'py>, timed: &TimedEvent) -> PyResult<Bound<'py, P
         DeviceEvent::Listening { path } | DeviceEvent::Connecting { path } => {
             dict.set_item("path", path)?
         }
-        DeviceEvent::Connected { connection } => dict.set_item("connection", connection)?,
+        DeviceEvent::Connected { connection } | DeviceEvent::Refused { connection } => {
+            dict.set_item("connection", connection)?
+        }
         DeviceEvent::FeaturesAcked { features } => dict.set_item("features", features)?,
         DeviceEvent::MemoryMapped { regions, bytes } => {
             dict.set_item("regions", regions)?;
@@ -112,7 +114,7 @@ impl NativeBackend {
     #[new]
     // One parameter per Python keyword argument.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (socket_path, *, port = "null", mac = None, queues = 1, client = false, queue_size = 1024, mtu = 1500))]
+    #[pyo3(signature = (socket_path, *, port = "null", mac = None, queues = 1, client = false, queue_size = 1024, mtu = 1500, socket_mode = 0o600, socket_group = None, handshake_timeout = 5.0))]
     fn new(
         py: Python<'_>,
         socket_path: PathBuf,
@@ -122,6 +124,9 @@ impl NativeBackend {
         client: bool,
         queue_size: u16,
         mtu: u16,
+        socket_mode: u32,
+        socket_group: Option<u32>,
+        handshake_timeout: f64,
     ) -> PyResult<Self> {
         let port: PortSpec = port.parse().map_err(config_err)?;
         let mut config = BackendConfig::new(socket_path, port);
@@ -132,6 +137,19 @@ impl NativeBackend {
         config.client = client;
         config.max_queue_size = queue_size;
         config.mtu = mtu;
+        config.socket_access = SocketAccess {
+            mode: socket_mode,
+            group: socket_group,
+        };
+        let deadline = Duration::try_from_secs_f64(handshake_timeout).map_err(|_| {
+            PyValueError::new_err(format!(
+                "handshake timeout: expected seconds, got {handshake_timeout}"
+            ))
+        })?;
+        config.deadlines = Deadlines {
+            handshake: deadline,
+            message: deadline,
+        };
         let server = py.detach(|| Server::new(config)).map_err(to_py_err)?;
         Ok(Self {
             device: server.handle(),
@@ -152,6 +170,12 @@ impl NativeBackend {
     #[getter]
     fn state(&self) -> &'static str {
         self.device.state().as_str()
+    }
+
+    /// Why the device stopped serving for good, if it has.
+    #[getter]
+    fn failure(&self) -> Option<String> {
+        self.device.failure()
     }
 
     #[getter]

@@ -8,6 +8,12 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::frontend_gate::Deadlines;
+use crate::public_socket::SocketAccess;
+
+/// The longest a frontend may be given to send a request.
+const MAX_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Most queue pairs one device serves (one worker thread each).
 pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Ring size advertised as the maximum; frontends pick any power of two up to it.
@@ -32,6 +38,10 @@ pub enum ConfigError {
     BadMtu(u16),
     #[error("socket: path is empty")]
     EmptySocketPath,
+    #[error("socket mode: expected permission bits up to 0777, got {0:o}")]
+    BadSocketMode(u32),
+    #[error("handshake timeout: must be more than 0 and at most 1 hour, got {0:?}")]
+    BadDeadline(std::time::Duration),
 }
 
 /// The host side of the device: where guest frames go and where frames for the guest come from.
@@ -157,6 +167,10 @@ pub struct BackendConfig {
     pub queue_pairs: u16,
     pub max_queue_size: u16,
     pub mtu: u16,
+    /// Who may connect to the socket (server mode).
+    pub socket_access: SocketAccess,
+    /// How long a frontend may take to send its first request, and to finish one.
+    pub deadlines: Deadlines,
 }
 
 impl BackendConfig {
@@ -169,6 +183,8 @@ impl BackendConfig {
             queue_pairs: 1,
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
             mtu: DEFAULT_MTU,
+            socket_access: SocketAccess::default(),
+            deadlines: Deadlines::default(),
         }
     }
 
@@ -188,6 +204,14 @@ impl BackendConfig {
         }
         if self.mac.is_multicast() {
             return Err(ConfigError::MulticastMac(self.mac));
+        }
+        if self.socket_access.mode > 0o777 {
+            return Err(ConfigError::BadSocketMode(self.socket_access.mode));
+        }
+        for deadline in [self.deadlines.handshake, self.deadlines.message] {
+            if deadline.is_zero() || deadline > MAX_DEADLINE {
+                return Err(ConfigError::BadDeadline(deadline));
+            }
         }
         Ok(())
     }

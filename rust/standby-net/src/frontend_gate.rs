@@ -16,21 +16,30 @@
 //! A message the gate cannot frame (truncated, oversized) is forwarded as far as it
 //! got and the gate closes: the handler then refuses it and the connection ends, as
 //! it would without the gate.
+//!
+//! The gate also keeps a peer from holding the device: its first message must come
+//! within the handshake deadline, and every message it starts must be complete
+//! within the message deadline, else the connection is closed with the reason
+//! ([`FrontendGate::close_reason`]). Between messages a frontend may stay silent
+//! for as long as it likes: a healthy QEMU is idle for hours.
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserU64, VhostUserVringState,
-    MAX_ATTACHED_FD_ENTRIES,
+    FrontendReq, VhostUserHeaderFlag, VhostUserLog, VhostUserProtocolFeatures, VhostUserU64,
+    VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::frontend_memory::check_mappable;
 
 /// The message header as the vhost-user spec lays it out: request, flags, body size,
 /// in native byte order. (`vhost` keeps its own header type to itself.)
@@ -70,6 +79,37 @@ const HEADER_LEN: usize = std::mem::size_of::<Header>();
 /// Larger bodies are not framed (the handler refuses anything above 4 KiB anyway;
 /// this leaves room for a full memory table).
 const MAX_BODY_LEN: usize = 64 * 1024;
+/// Rings a frontend may enable before SET_FEATURES (more than any device has).
+const MAX_EARLY_ENABLES: usize = 64;
+
+/// What the device can take, for the requests the gate checks itself (the crate
+/// acks some it then ignores or truncates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub num_queues: u32,
+    pub max_queue_size: u32,
+}
+
+/// How long a peer may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadlines {
+    /// From connecting to its first message.
+    pub handshake: Duration,
+    /// From the first byte of a message to its last.
+    pub message: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(5),
+            message: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the gate closed a connection itself.
+type CloseReason = Arc<Mutex<Option<String>>>;
 
 /// Both directions of one connection.
 pub struct FrontendGate {
@@ -77,17 +117,27 @@ pub struct FrontendGate {
     replies: Option<JoinHandle<()>>,
     frontend: UnixStream,
     handler: UnixStream,
+    close_reason: CloseReason,
 }
 
 impl FrontendGate {
     /// Start forwarding between `frontend` (QEMU, DPDK) and `handler` (the socket
     /// `vhost-user-backend` accepted).
-    pub fn start(frontend: UnixStream, handler: UnixStream) -> io::Result<Self> {
+    pub fn start(
+        frontend: UnixStream,
+        handler: UnixStream,
+        deadlines: Deadlines,
+        limits: Limits,
+    ) -> io::Result<Self> {
         let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
+        let close_reason = CloseReason::default();
         let requests = Requests {
             frontend: frontend.try_clone()?,
             handler: handler.try_clone()?,
             replies_to: Arc::clone(&frontend_writer),
+            deadlines,
+            limits,
+            close_reason: Arc::clone(&close_reason),
             features_acked: false,
             reply_ack: false,
             early_enables: BTreeMap::new(),
@@ -108,16 +158,31 @@ impl FrontendGate {
             replies: Some(replies),
             frontend,
             handler: handler_for_shutdown,
+            close_reason,
         })
     }
 
+    /// Why the gate closed the connection itself (a deadline missed, a table full),
+    /// if it did.
+    pub fn close_reason(&self) -> Option<String> {
+        self.close_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// End a connection the handler has closed: its last reply (a NACK, say) still
-    /// reaches the frontend before the frontend's side closes.
-    pub fn finish(mut self) {
+    /// reaches the frontend before the frontend's side closes. Returns why the gate
+    /// closed it, if it did.
+    pub fn finish(mut self) -> Option<String> {
         if let Some(replies) = self.replies.take() {
             let _ = replies.join();
         }
-        // Drop closes the rest.
+        let _ = self.frontend.shutdown(Shutdown::Both);
+        if let Some(requests) = self.requests.take() {
+            let _ = requests.join();
+        }
+        self.close_reason()
     }
 }
 
@@ -176,7 +241,87 @@ enum Read_ {
     Unframed(Vec<u8>, Vec<OwnedFd>),
 }
 
+/// A message from `from`: the first bytes within `first` (`None`: wait as long as it
+/// takes), the rest within `rest` of them.
+fn read_message_within(
+    from: &UnixStream,
+    first: Option<Duration>,
+    rest: Duration,
+) -> Result<Read_, GateError> {
+    from.set_read_timeout(first).map_err(GateError::Io)?;
+    let mut started = false;
+    let read = read_message_timed(from, || {
+        started = true;
+        from.set_read_timeout(Some(rest))
+    });
+    let _ = from.set_read_timeout(None);
+    match read {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(if started {
+                GateError::MessageDeadline(rest)
+            } else {
+                GateError::HandshakeDeadline(first.unwrap_or_default())
+            })
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Err(GateError::TooManyFds),
+        other => other.map_err(GateError::Io),
+    }
+}
+
 fn read_message(from: &UnixStream) -> io::Result<Read_> {
+    read_message_timed(from, || Ok(()))
+}
+
+/// Why the gate stops forwarding requests.
+#[derive(Debug)]
+enum GateError {
+    HandshakeDeadline(Duration),
+    MessageDeadline(Duration),
+    TooManyEarlyEnables,
+    /// The dirty log the frontend handed over cannot be mapped safely.
+    BadLog(String),
+    /// A request the device cannot honour, sent without asking for a reply.
+    Refused(String),
+    TooManyFds,
+    Io(io::Error),
+}
+
+impl GateError {
+    /// What to tell the operator (`None`: the peer just went away).
+    fn reason(&self) -> Option<String> {
+        match self {
+            Self::HandshakeDeadline(d) => Some(format!(
+                "the frontend sent no request within {:.1} s of connecting",
+                d.as_secs_f64()
+            )),
+            Self::MessageDeadline(d) => Some(format!(
+                "the frontend left a request unfinished for {:.1} s",
+                d.as_secs_f64()
+            )),
+            Self::TooManyEarlyEnables => Some(format!(
+                "the frontend enabled more than {MAX_EARLY_ENABLES} rings before SET_FEATURES"
+            )),
+            Self::BadLog(reason) => Some(format!("SET_LOG_BASE refused: {reason}")),
+            Self::Refused(reason) => Some(reason.clone()),
+            Self::TooManyFds => Some(format!(
+                "the frontend sent more than {MAX_ATTACHED_FD_ENTRIES} file descriptors with one \
+                 request"
+            )),
+            Self::Io(_) => None,
+        }
+    }
+}
+
+/// Read one message; `started` runs once its first bytes are in.
+fn read_message_timed(
+    from: &UnixStream,
+    mut started: impl FnMut() -> io::Result<()>,
+) -> io::Result<Read_> {
     let mut header = [0u8; HEADER_LEN];
     let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
     let mut iov = [libc::iovec {
@@ -194,6 +339,7 @@ fn read_message(from: &UnixStream) -> io::Result<Read_> {
     if got == 0 && fds.is_empty() {
         return Ok(Read_::Closed);
     }
+    started()?;
     while got < HEADER_LEN {
         match (&*from).read(&mut header[got..])? {
             0 => return Ok(Read_::Unframed(header[..got].to_vec(), fds)),
@@ -226,6 +372,9 @@ struct Requests {
     frontend: UnixStream,
     handler: UnixStream,
     replies_to: Arc<Mutex<UnixStream>>,
+    deadlines: Deadlines,
+    limits: Limits,
+    close_reason: CloseReason,
     /// SET_FEATURES went through (and no reset since).
     features_acked: bool,
     /// REPLY_ACK was acked: a request with NEED_REPLY wants an ack.
@@ -237,22 +386,34 @@ struct Requests {
 impl Requests {
     fn run(mut self) {
         if let Err(e) = self.forward_all() {
-            log::debug!("vhost-user gate: {e}");
+            match e.reason() {
+                Some(reason) => {
+                    *self.close_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason)
+                }
+                None => {
+                    if let GateError::Io(e) = &e {
+                        log::debug!("vhost-user gate: {e}");
+                    }
+                }
+            }
         }
         let _ = self.handler.shutdown(Shutdown::Both);
-        let _ = self.frontend.shutdown(Shutdown::Read);
+        let _ = self.frontend.shutdown(Shutdown::Both);
     }
 
-    fn forward_all(&mut self) -> io::Result<()> {
+    fn forward_all(&mut self) -> Result<(), GateError> {
+        let mut first = Some(self.deadlines.handshake);
         loop {
-            let message = match read_message(&self.frontend)? {
+            let read = read_message_within(&self.frontend, first, self.deadlines.message)?;
+            first = None;
+            let message = match read {
                 Read_::Message(message) => message,
                 Read_::Closed => return Ok(()),
                 Read_::Unframed(bytes, fds) => {
                     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
                     self.handler
                         .send_with_fds(&[&bytes[..]], &raw)
-                        .map_err(io::Error::from)?;
+                        .map_err(|e| GateError::Io(io::Error::from(e)))?;
                     return Ok(());
                 }
             };
@@ -273,32 +434,64 @@ impl Requests {
                 Some(FrontendReq::RESET_OWNER | FrontendReq::RESET_DEVICE) => {
                     self.features_acked = false;
                 }
+                // The crate maps the log without looking at the file: a file shorter
+                // than the mapping kills the process at the first dirty page.
+                Some(FrontendReq::SET_LOG_BASE) => check_log(&message)?,
+                Some(code) => {
+                    if let Some(reason) = self.limits.refusal(code, &message.body) {
+                        self.refuse(&header, code, reason)?;
+                        continue;
+                    }
+                }
                 _ => {}
             }
-            message.send(&self.handler)?;
+            message.send(&self.handler).map_err(GateError::Io)?;
             if header.code() == Some(FrontendReq::SET_FEATURES) {
                 self.features_acked = true;
-                self.replay_enables()?;
+                self.replay_enables().map_err(GateError::Io)?;
             }
         }
     }
 
-    fn hold_enable(&mut self, request: &Header, state: VhostUserVringState) -> io::Result<()> {
+    /// Refuse a request: NACKed when the frontend asked for a reply, else the
+    /// connection is closed (the frontend would otherwise believe it done).
+    fn refuse(&self, request: &Header, code: FrontendReq, reason: String) -> Result<(), GateError> {
+        if !(self.reply_ack && request.need_reply()) {
+            return Err(GateError::Refused(reason));
+        }
+        log::warn!("vhost-user: {reason}; refused");
+        self.reply(code, 1).map_err(GateError::Io)
+    }
+
+    /// A REPLY_ACK answer: 0 done, anything else refused.
+    fn reply(&self, code: FrontendReq, value: u64) -> io::Result<()> {
+        let reply = Header::new(
+            code,
+            VhostUserHeaderFlag::REPLY,
+            std::mem::size_of::<VhostUserU64>(),
+        );
+        let mut bytes = reply.as_slice().to_vec();
+        bytes.extend_from_slice(VhostUserU64::new(value).as_slice());
+        let frontend = self.replies_to.lock().unwrap_or_else(|e| e.into_inner());
+        (&*frontend).write_all(&bytes)
+    }
+
+    fn hold_enable(
+        &mut self,
+        request: &Header,
+        state: VhostUserVringState,
+    ) -> Result<(), GateError> {
         // Packed struct: copy the fields out before using them.
         let (index, num) = (state.index, state.num);
         log::debug!("vhost-user gate: SET_VRING_ENABLE {index} {num} before SET_FEATURES, held");
+        if self.early_enables.len() == MAX_EARLY_ENABLES && !self.early_enables.contains_key(&index)
+        {
+            return Err(GateError::TooManyEarlyEnables);
+        }
         self.early_enables.insert(index, num);
         if self.reply_ack && request.need_reply() {
-            let reply = Header::new(
-                FrontendReq::SET_VRING_ENABLE,
-                VhostUserHeaderFlag::REPLY,
-                std::mem::size_of::<VhostUserU64>(),
-            );
-            let ack = VhostUserU64::new(0);
-            let mut bytes = reply.as_slice().to_vec();
-            bytes.extend_from_slice(ack.as_slice());
-            let frontend = self.replies_to.lock().unwrap_or_else(|e| e.into_inner());
-            (&*frontend).write_all(&bytes)?;
+            self.reply(FrontendReq::SET_VRING_ENABLE, 0)
+                .map_err(GateError::Io)?;
         }
         Ok(())
     }
@@ -322,6 +515,68 @@ impl Requests {
         }
         Ok(())
     }
+}
+
+impl Limits {
+    /// Why the device cannot honour `code` with `body`, if it cannot.
+    fn refusal(&self, code: FrontendReq, body: &[u8]) -> Option<String> {
+        match code {
+            FrontendReq::SET_VRING_NUM => {
+                let state = VhostUserVringState::from_slice(body)?;
+                let (index, num) = (state.index, state.num);
+                if index >= self.num_queues {
+                    Some(format!(
+                        "SET_VRING_NUM for ring {index} of {}",
+                        self.num_queues
+                    ))
+                } else if !num.is_power_of_two() || num > self.max_queue_size {
+                    Some(format!(
+                        "SET_VRING_NUM {num} for ring {index}: a ring holds a power of two \
+                         up to {} descriptors",
+                        self.max_queue_size
+                    ))
+                } else {
+                    None
+                }
+            }
+            FrontendReq::SET_VRING_BASE => {
+                let state = VhostUserVringState::from_slice(body)?;
+                let (index, num) = (state.index, state.num);
+                if index >= self.num_queues {
+                    Some(format!(
+                        "SET_VRING_BASE for ring {index} of {}",
+                        self.num_queues
+                    ))
+                } else if num > u32::from(u16::MAX) {
+                    Some(format!(
+                        "SET_VRING_BASE {num} for ring {index}: a split ring index is 16 bits"
+                    ))
+                } else {
+                    None
+                }
+            }
+            // Not offered (no CONFIGURE_MEM_SLOTS): the crate would take regions past any
+            // advertised slot count.
+            FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => Some(format!(
+                "{code:?}: memory slots were not negotiated; use SET_MEM_TABLE"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The dirty log must cover the mapping it is given for, and stay that size.
+fn check_log(message: &Message) -> Result<(), GateError> {
+    let log = VhostUserLog::from_slice(&message.body)
+        .ok_or_else(|| GateError::BadLog("its body is not a log description".to_string()))?;
+    let fd = message
+        .fds
+        .first()
+        .ok_or_else(|| GateError::BadLog("no file descriptor came with it".to_string()))?;
+    // Packed struct: copy the fields out before using them.
+    let (size, offset) = (log.mmap_size, log.mmap_offset);
+    check_mappable(fd.as_fd(), offset, size, "dirty log")
+        .map_err(|e| GateError::BadLog(e.to_string()))
 }
 
 /// Handler → frontend: whole replies, so a reply never interleaves with an ack the
@@ -352,6 +607,11 @@ impl Replies {
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        num_queues: 2,
+        max_queue_size: 1024,
+    };
+
     fn request(code: FrontendReq, flags: VhostUserHeaderFlag, body: &[u8]) -> Vec<u8> {
         let header = Header::new(code, flags, body.len());
         let mut bytes = header.as_slice().to_vec();
@@ -372,7 +632,7 @@ mod tests {
     fn early_ring_enable_is_acked_held_and_replayed_after_set_features() {
         let (mut qemu, frontend) = UnixStream::pair().unwrap();
         let (handler, mut crate_side) = UnixStream::pair().unwrap();
-        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
         let need_reply = VhostUserHeaderFlag::NEED_REPLY;
         let none = || VhostUserHeaderFlag::empty();
 
@@ -441,7 +701,7 @@ mod tests {
     fn descriptors_pass_through() {
         let (qemu, frontend) = UnixStream::pair().unwrap();
         let (handler, crate_side) = UnixStream::pair().unwrap();
-        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
         let (keep, passed) = UnixStream::pair().unwrap();
         let bytes = request(
             FrontendReq::SET_VRING_KICK,
@@ -471,7 +731,7 @@ mod tests {
     fn an_oversized_message_is_passed_on_and_the_gate_closes() {
         let (mut qemu, frontend) = UnixStream::pair().unwrap();
         let (handler, mut crate_side) = UnixStream::pair().unwrap();
-        let _gate = FrontendGate::start(frontend, handler).unwrap();
+        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
         let header = Header::new(
             FrontendReq::SET_FEATURES,
             VhostUserHeaderFlag::empty(),

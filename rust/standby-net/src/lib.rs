@@ -22,8 +22,11 @@
 
 mod config;
 mod dirty_log;
+mod fault_guard;
 mod frontend_gate;
+mod frontend_memory;
 mod port;
+mod public_socket;
 mod queue_pair;
 mod server;
 mod stats;
@@ -38,7 +41,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use config::{BackendConfig, ConfigError, MacAddr, PortSpec, MAX_QUEUE_PAIRS};
 pub use dirty_log::DirtyLog;
+pub use frontend_gate::Deadlines;
 pub use port::{OpenPortError, OpenTapError};
+pub use public_socket::{BindError, SocketAccess};
 pub use server::{DeviceHandle, Server, ServerError};
 pub use stats::QueueStats;
 pub use status::{describe, ConnectionState, DeviceEvent, Negotiation, TimedEvent};

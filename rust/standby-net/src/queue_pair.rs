@@ -24,6 +24,8 @@ use crate::{GuestMemory, Vring};
 
 /// Longest descriptor chain accepted (the largest ring a frontend may pick).
 const MAX_CHAIN_SEGMENTS: usize = 1024;
+/// Destination, source, EtherType: a frame shorter than this is no frame.
+const ETH_HEADER_LEN: usize = 14;
 /// Completions held before publishing: a batch, plus the buffers of one merged frame.
 const USED_BATCH_CAPACITY: usize = PUBLISH_EVERY + MAX_CHAIN_SEGMENTS;
 
@@ -43,18 +45,21 @@ pub enum ChainError {
     LongerThanMaxFrame,
     #[error("chain of more than {MAX_CHAIN_SEGMENTS} descriptors")]
     TooManyDescriptors,
+    #[error("chain does not end within the ring (it loops, or a next index lies past the ring)")]
+    Unterminated,
+    #[error("frame of {0} bytes is shorter than an Ethernet header")]
+    ShorterThanEthernetHeader(usize),
 }
 
 /// The ring itself is unusable: nothing moves on this queue until the frontend sets
-/// it up again.
+/// it up again. (Logged with the queue's number in front.)
 #[derive(Debug, Error)]
 pub enum QueueError {
-    #[error("virtqueue {queue}: descriptor table or rings lie outside guest memory")]
+    #[error("descriptor table or rings lie outside guest memory; the queue stays idle until it is set up again")]
     RingOutsideGuestMemory { queue: u16 },
-    #[error("virtqueue {queue}: ring access failed")]
+    #[error("ring access failed: {source}")]
     RingAccess {
         queue: u16,
-        #[source]
         source: virtio_queue::Error,
     },
 }
@@ -131,16 +136,55 @@ fn ring_error(queue: u16) -> impl Fn(virtio_queue::Error) -> QueueError + Copy {
     move |source| QueueError::RingAccess { queue, source }
 }
 
-/// The vring's queue, once its rings are checked to lie in guest memory.
+/// Where a queue's rings lie: a queue refused once is not looked at again until the
+/// frontend sets it up differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingLayout {
+    desc_table: u64,
+    avail_ring: u64,
+    used_ring: u64,
+    size: u16,
+}
+
+impl RingLayout {
+    fn of(queue: &Queue) -> Self {
+        Self {
+            desc_table: queue.desc_table(),
+            avail_ring: queue.avail_ring(),
+            used_ring: queue.used_ring(),
+            size: queue.size(),
+        }
+    }
+
+    /// Descriptor table, available and used rings (with their event index fields)
+    /// lie in guest memory. (virtio-queue's own `is_valid` logs an error on every
+    /// call, so a guest could flood the log by kicking a bad queue.)
+    fn in_memory(&self, mem: &GuestMemory) -> bool {
+        let size = usize::from(self.size);
+        mem.check_range(GuestAddress(self.desc_table), 16 * size)
+            && mem.check_range(GuestAddress(self.avail_ring), 6 + 2 * size)
+            && mem.check_range(GuestAddress(self.used_ring), 6 + 8 * size)
+    }
+}
+
+/// The vring's queue, once its rings are checked to lie in guest memory; `None` for
+/// a queue already refused and not set up again since.
 fn valid_queue<'s>(
     state: &'s mut VringState<GuestMemoryAtomic<GuestMemory>>,
     mem: &GuestMemory,
     queue: u16,
-) -> Result<&'s mut Queue, QueueError> {
+    refused: &mut Option<RingLayout>,
+) -> Result<Option<&'s mut Queue>, QueueError> {
     let ring = state.get_queue_mut();
-    if ring.is_valid(mem) {
-        Ok(ring)
+    let layout = RingLayout::of(ring);
+    if *refused == Some(layout) {
+        return Ok(None);
+    }
+    if layout.in_memory(mem) {
+        *refused = None;
+        Ok(Some(ring))
     } else {
+        *refused = Some(layout);
         Err(QueueError::RingOutsideGuestMemory { queue })
     }
 }
@@ -171,6 +215,7 @@ pub struct TxVirtio {
     segments: Vec<(GuestAddress, u32)>,
     used: UsedRing,
     errors: ErrorLog,
+    refused: Option<RingLayout>,
 }
 
 impl TxVirtio {
@@ -181,6 +226,7 @@ impl TxVirtio {
             segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
+            refused: None,
         }
     }
 
@@ -193,7 +239,9 @@ impl TxVirtio {
     ) -> Result<usize, ChainError> {
         self.segments.clear();
         let mut len = 0usize;
+        let mut ends = false;
         for desc in chain {
+            ends = !desc.has_next();
             if desc.is_write_only() {
                 return Err(ChainError::WritableInTransmitChain);
             }
@@ -212,8 +260,16 @@ impl TxVirtio {
             }
             self.segments.push((desc.addr(), desc.len()));
         }
+        // The iterator stops quietly on a loop or a next index past the ring: the last
+        // descriptor it gave then still points further.
+        if !ends {
+            return Err(ChainError::Unterminated);
+        }
         if len < hdr_len {
             return Err(ChainError::ShorterThanHeader(len));
+        }
+        if len - hdr_len < ETH_HEADER_LEN {
+            return Err(ChainError::ShorterThanEthernetHeader(len - hdr_len));
         }
         Ok(len)
     }
@@ -231,7 +287,9 @@ impl TxVirtio {
         }
         let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let queue = valid_queue(&mut state, mem, self.queue)?;
+        let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
+            return Ok(TxProgress::default());
+        };
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
         self.used.begin(queue);
@@ -320,6 +378,7 @@ pub struct RxVirtio {
     chains: Vec<TakenChain>,
     used: UsedRing,
     errors: ErrorLog,
+    refused: Option<RingLayout>,
 }
 
 impl RxVirtio {
@@ -331,6 +390,7 @@ impl RxVirtio {
             chains: Vec::with_capacity(64),
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
+            refused: None,
         }
     }
 
@@ -341,7 +401,9 @@ impl RxVirtio {
         mem: &GuestMemory,
     ) -> Result<usize, ChainError> {
         let mut capacity = 0usize;
+        let mut ends = false;
         for desc in chain {
+            ends = !desc.has_next();
             if !desc.is_write_only() {
                 return Err(ChainError::ReadableInReceiveChain);
             }
@@ -356,6 +418,9 @@ impl RxVirtio {
             }
             capacity += desc.len() as usize;
             self.segments.push((desc.addr(), desc.len()));
+        }
+        if !ends {
+            return Err(ChainError::Unterminated);
         }
         Ok(capacity)
     }
@@ -461,7 +526,9 @@ impl RxVirtio {
         }
         let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let queue = valid_queue(&mut state, mem, self.queue)?;
+        let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
+            return Ok(RxProgress::default());
+        };
         let queue_size = queue.size();
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();

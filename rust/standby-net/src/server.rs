@@ -10,7 +10,6 @@ use std::net::Shutdown;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -23,8 +22,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BackendConfig, ConfigError};
-use crate::frontend_gate::FrontendGate;
+use crate::frontend_gate::{FrontendGate, Limits};
 use crate::port::{open_ports, OpenPortError, Port, SharedPort};
+use crate::public_socket::{bind, BindError, PublicSocket};
 use crate::stats::{DeviceCounters, QueueStats};
 use crate::status::{ConnectionState, DeviceEvent, DeviceStatus, Negotiation, TimedEvent};
 use crate::steering::{Mode, Steering, SteeringPort, SteeringStatus, SteeringThread};
@@ -40,14 +40,8 @@ pub enum ServerError {
     InvalidConfig(#[from] ConfigError),
     #[error("cannot open the host port")]
     OpenPort(#[from] OpenPortError),
-    #[error("socket {path}: another backend is already listening there")]
-    SocketInUse { path: String },
-    #[error("cannot listen on {path}")]
-    Listen {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
     #[error("cannot create the stop event")]
     StopEvent(#[source] io::Error),
     #[error("cannot start the connection thread")]
@@ -94,6 +88,12 @@ impl DeviceHandle {
 
     pub fn negotiation(&self) -> Negotiation {
         self.shared.status.negotiation()
+    }
+
+    /// Why the device stopped serving for good (state `failed`), if it has: it does
+    /// not recover by itself; restart it.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.status.failure()
     }
 
     pub fn stats(&self) -> Vec<QueueStats> {
@@ -166,18 +166,6 @@ impl ConnectionHandle {
         if let Some(handler) = &self.handler {
             handler.shutdown();
         }
-    }
-}
-
-/// The socket frontends connect to; removed when dropped.
-struct PublicSocket {
-    listener: UnixListener,
-    path: PathBuf,
-}
-
-impl Drop for PublicSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -277,7 +265,7 @@ impl Server {
         }
         let config = &self.shared.config;
         if !config.client {
-            self.socket = Some(bind(&config.socket_path)?);
+            self.socket = Some(bind(&config.socket_path, config.socket_access)?);
         }
         if let Some(steering) = &self.shared.steering {
             self.steering_thread = Some(steering.spawn().map_err(ServerError::SpawnSteering)?);
@@ -321,24 +309,6 @@ impl Drop for Server {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Bind the socket, refusing to steal it from a live backend.
-fn bind(path: &Path) -> Result<PublicSocket, ServerError> {
-    let display = path.display().to_string();
-    if UnixStream::connect(path).is_ok() {
-        return Err(ServerError::SocketInUse { path: display });
-    }
-    // Whatever is left there is stale.
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|source| ServerError::Listen {
-        path: display,
-        source,
-    })?;
-    Ok(PublicSocket {
-        listener,
-        path: path.to_path_buf(),
-    })
 }
 
 /// How one connection ended.
@@ -423,6 +393,133 @@ fn frontend_connection(
     }
 }
 
+/// While a frontend is connected, later ones are accepted and closed at once, with
+/// the reason logged: left in the listen queue they would hang in their handshake
+/// with no word why. A QEMU with `reconnect=N` tries again until this one leaves.
+/// Once the current frontend has hung up, newcomers wait for the next accept.
+struct RefuseWhileBusy {
+    done: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RefuseWhileBusy {
+    fn start(
+        listener: &UnixListener,
+        frontend: &UnixStream,
+        status: Arc<DeviceStatus>,
+        connection: u64,
+    ) -> io::Result<Self> {
+        let listener = listener.try_clone()?;
+        let frontend = frontend.try_clone()?;
+        let done = EventFd::new(EFD_NONBLOCK)?;
+        let done_for_thread = done.try_clone()?;
+        let thread = thread::Builder::new()
+            .name("vhost-user-busy".to_string())
+            .spawn(move || {
+                while newcomer_while_busy(&listener, &frontend, &done_for_thread) {
+                    if let Ok((extra, _)) = listener.accept() {
+                        drop(extra);
+                        let event = DeviceEvent::Refused { connection };
+                        log::warn!("{}", crate::status::describe(&event));
+                        status.push(event);
+                    }
+                }
+            })?;
+        Ok(Self {
+            done,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Wait until another frontend knocks while `frontend` is still there (`true`), or
+/// until `frontend` hangs up or `done` fires (`false`).
+fn newcomer_while_busy(listener: &UnixListener, frontend: &UnixStream, done: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: done.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: frontend.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if ret < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        return fds[0].revents == 0 && fds[1].revents == 0 && fds[2].revents != 0;
+    }
+}
+
+impl Drop for RefuseWhileBusy {
+    fn drop(&mut self) {
+        let _ = self.done.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The daemon of one connection. Dropping it joins its workers, then closes what
+/// `vhost-user-backend` leaves open (see [`VhostUserNet::close_exit_events`]), on
+/// every way out of a connection.
+struct ConnectionDaemon {
+    daemon: Option<VhostUserDaemon<Arc<VhostUserNet>>>,
+    backend: Arc<VhostUserNet>,
+}
+
+impl ConnectionDaemon {
+    fn new(
+        backend: &Arc<VhostUserNet>,
+        mem: GuestMemoryAtomic<crate::GuestMemory>,
+    ) -> Result<Self, String> {
+        // Made first: a daemon that fails half way may have taken exit events too.
+        let mut guard = Self {
+            daemon: None,
+            backend: Arc::clone(backend),
+        };
+        let daemon = VhostUserDaemon::new("vhost-user-net".to_string(), Arc::clone(backend), mem)
+            .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+        guard.daemon = Some(daemon);
+        Ok(guard)
+    }
+}
+
+impl std::ops::Deref for ConnectionDaemon {
+    type Target = VhostUserDaemon<Arc<VhostUserNet>>;
+
+    fn deref(&self) -> &Self::Target {
+        self.daemon.as_ref().expect("present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for ConnectionDaemon {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.daemon.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for ConnectionDaemon {
+    fn drop(&mut self) {
+        self.daemon.take();
+        self.backend.close_exit_events();
+    }
+}
+
 /// Serve one frontend from connect to disconnect.
 fn serve_one(
     shared: &Shared,
@@ -439,8 +536,7 @@ fn serve_one(
         Arc::clone(&shared.counters),
         Arc::clone(status),
     ));
-    let mut daemon = VhostUserDaemon::new("vhost-user-net".to_string(), Arc::clone(&backend), mem)
-        .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
+    let mut daemon = ConnectionDaemon::new(&backend, mem)?;
     backend
         .register_ports(&daemon.get_epoll_handlers())
         .map_err(|e| format!("cannot watch the host port: {e}"))?;
@@ -463,9 +559,22 @@ fn serve_one(
             .try_clone()
             .map_err(|e| format!("cannot share the frontend socket: {e}"))?,
         handler_side,
+        shared.config.deadlines,
+        Limits {
+            num_queues: shared.offer.queue_pairs as u32 * 2,
+            max_queue_size: u32::from(shared.offer.max_queue_size),
+        },
     )
     .map_err(|e| format!("cannot start the request gate: {e}"))?;
 
+    backend.attach_frontend(
+        frontend
+            .try_clone()
+            .map_err(|e| format!("cannot share the frontend socket: {e}"))?,
+    );
+    let frontend_for_busy = frontend
+        .try_clone()
+        .map_err(|e| format!("cannot share the frontend socket: {e}"))?;
     *connection += 1;
     status.update_negotiation(|n| n.connections = *connection);
     status.set_state(ConnectionState::Connected);
@@ -482,15 +591,28 @@ fn serve_one(
         }
     }
 
+    let busy = match socket {
+        Some(socket) => Some(
+            RefuseWhileBusy::start(
+                &socket.listener,
+                &frontend_for_busy,
+                Arc::clone(status),
+                *connection,
+            )
+            .map_err(|e| format!("cannot watch for other frontends: {e}"))?,
+        ),
+        None => None,
+    };
     let result = daemon.wait();
+    drop(busy);
     lock(&shared.connection).take();
     // The handler's side is closed: the gate passes its last reply on, then closes.
-    gate.finish();
+    let gate_reason = gate.finish();
     let reason = match result {
-        Ok(()) => None,
-        Err(vhost_user_backend::Error::HandleRequest(
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
             VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => None,
+        )) => backend.broken_reason().or(gate_reason),
         // `vhost` closes the connection on any request it refuses; say which.
         Err(e) => Some(format!("request refused, connection closed: {e}")),
     };

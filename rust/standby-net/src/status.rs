@@ -46,6 +46,10 @@ pub enum DeviceEvent {
     Connected {
         connection: u64,
     },
+    /// Another frontend connected while `connection` is served: closed at once.
+    Refused {
+        connection: u64,
+    },
     /// SET_FEATURES: what the frontend acked.
     FeaturesAcked {
         features: u64,
@@ -92,6 +96,7 @@ impl DeviceEvent {
             Self::Listening { .. } => "listening",
             Self::Connecting { .. } => "connecting",
             Self::Connected { .. } => "connected",
+            Self::Refused { .. } => "refused",
             Self::FeaturesAcked { .. } => "features_acked",
             Self::MemoryMapped { .. } => "memory_mapped",
             Self::DirtyLogging { .. } => "dirty_logging",
@@ -133,6 +138,8 @@ struct Inner {
     events: VecDeque<TimedEvent>,
     /// Sequence number of the next event, so readers can resume where they stopped.
     next_seq: u64,
+    /// Why the device stopped serving for good, once it has.
+    failure: Option<String>,
 }
 
 /// Shared status of one device.
@@ -153,6 +160,7 @@ impl DeviceStatus {
                 },
                 events: VecDeque::new(),
                 next_seq: 0,
+                failure: None,
             }),
             changed: Condvar::new(),
         }
@@ -171,6 +179,11 @@ impl DeviceStatus {
         self.lock().negotiation
     }
 
+    /// Why the device stopped serving for good, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failure.clone()
+    }
+
     pub fn set_state(&self, state: ConnectionState) {
         self.lock().state = state;
         self.changed.notify_all();
@@ -185,6 +198,9 @@ impl DeviceStatus {
     pub fn push(&self, event: DeviceEvent) {
         log::debug!("{}", describe(&event));
         let mut inner = self.lock();
+        if let DeviceEvent::Failed { reason } = &event {
+            inner.failure = Some(reason.clone());
+        }
         if inner.events.len() == EVENT_LOG_CAPACITY {
             inner.events.pop_front();
         }
@@ -251,6 +267,9 @@ pub fn describe(event: &DeviceEvent) -> String {
         DeviceEvent::Connected { connection } => {
             format!("frontend connected (connection {connection})")
         }
+        DeviceEvent::Refused { connection } => format!(
+            "refused another frontend: connection {connection} is being served (one at a time)"
+        ),
         DeviceEvent::FeaturesAcked { features } => format!(
             "features negotiated: {:#x} [{}]",
             features,

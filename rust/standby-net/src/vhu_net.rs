@@ -5,18 +5,26 @@
 //! [`RX_QUEUE_EVENT`] and [`TX_QUEUE_EVENT`], and its port as [`port_event`].
 
 use std::io;
+use std::net::Shutdown;
+use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::dirty_log::{self, DirtyLog};
+use crate::fault_guard::GuardedRange;
+use crate::frontend_memory::check_mappable;
 use crate::port::SharedPort;
 use crate::queue_pair::{LinkParams, QueuePair};
 use crate::stats::DeviceCounters;
@@ -56,6 +64,16 @@ pub struct VhostUserNet {
     /// The frontend handed over memory the device must not touch; the connection is
     /// being closed and the workers stay away from guest memory until it is.
     broken: AtomicBool,
+    /// The workers' exit-event descriptors `vhost-user-backend` 0.24 takes over and
+    /// never closes (`VringEpollHandler::new` turns them into raw descriptors): one
+    /// per worker per connection would leak. Closed in [`Self::close_exit_events`].
+    exit_events: Mutex<Vec<RawFd>>,
+    /// The mapped regions, watched for a file that shrinks under them.
+    guards: Mutex<Vec<GuardedRange>>,
+    /// Closed to end the connection from a worker (guest memory went bad).
+    frontend: Mutex<Option<UnixStream>>,
+    /// Why the device closed the connection itself.
+    broken_reason: Mutex<Option<String>>,
 }
 
 impl VhostUserNet {
@@ -86,6 +104,61 @@ impl VhostUserNet {
             acked_features: AtomicU64::new(0),
             dirty_logging: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            exit_events: Mutex::new(Vec::new()),
+            guards: Mutex::new(Vec::new()),
+            frontend: Mutex::new(None),
+            broken_reason: Mutex::new(None),
+        }
+    }
+
+    /// The frontend's connection, so a worker can end it (see [`Self::check_faults`]).
+    pub fn attach_frontend(&self, frontend: UnixStream) {
+        *lock(&self.frontend) = Some(frontend);
+    }
+
+    /// Why the device ended the connection itself, if it did.
+    pub fn broken_reason(&self) -> Option<String> {
+        lock(&self.broken_reason).clone()
+    }
+
+    /// Stop touching guest memory and end the connection, saying why.
+    fn break_connection(&self, reason: String) {
+        if self.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::error!("{reason}; closing the connection");
+        *lock(&self.broken_reason) = Some(reason);
+        if let Some(frontend) = lock(&self.frontend).as_ref() {
+            let _ = frontend.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// A guest memory file shrank under its mapping: the accesses that hit it read
+    /// zeros (see [`crate::fault_guard`]); the connection cannot go on.
+    fn check_faults(&self) {
+        let faulted = lock(&self.guards).iter().any(GuardedRange::faulted);
+        if faulted {
+            self.break_connection(
+                "a guest memory file shrank under its mapping (the frontend truncated it)"
+                    .to_string(),
+            );
+        }
+    }
+
+    /// Close the exit events handed to the daemon's workers. Call once the daemon is
+    /// dropped (its workers joined, its epoll descriptors closed).
+    pub fn close_exit_events(&self) {
+        for fd in self
+            .exit_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            // SAFETY: `fd` is an eventfd this device created in `exit_event` and handed
+            // to a worker, which kept it as a raw descriptor and never closed it. The
+            // worker is gone, so nothing uses it; and since it was never closed, its
+            // number cannot have been reused by anything else.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 
@@ -123,29 +196,36 @@ impl VhostUserNet {
     }
 }
 
-/// Every region must lie inside its file: a mapping past the end of a memfd maps,
-/// but the first access there kills the process with SIGBUS.
-fn check_backing(mem: &GuestMemory) -> io::Result<()> {
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every region must lie inside its file, sealed against shrinking where the file
+/// takes seals (see [`crate::frontend_memory`]); then it is watched for one that
+/// shrinks anyway.
+fn check_backing(mem: &GuestMemory) -> io::Result<Vec<GuardedRange>> {
+    let mut guards = Vec::new();
     for region in mem.iter() {
         let Some(file_offset) = region.file_offset() else {
             continue;
         };
-        let file_len = file_offset.file().metadata()?.len();
-        let end = file_offset.start().checked_add(region.len());
-        if end.is_none_or(|end| end > file_len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "memory region at guest address {:#x} ({:#x} bytes at file offset {:#x}) \
-                     extends past the end of its file ({file_len:#x} bytes)",
-                    region.start_addr().0,
-                    region.len(),
-                    file_offset.start()
-                ),
-            ));
-        }
+        let what = format!(
+            "memory region at guest address {:#x}",
+            region.start_addr().0
+        );
+        check_mappable(
+            file_offset.file().as_fd(),
+            file_offset.start(),
+            region.len(),
+            &what,
+        )
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let start = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(io::Error::other)?;
+        guards.push(GuardedRange::new(start, region.len() as usize)?);
     }
-    Ok(())
+    Ok(guards)
 }
 
 impl VhostUserBackend for VhostUserNet {
@@ -208,9 +288,12 @@ impl VhostUserBackend for VhostUserNet {
         let mem = atomic_mem.memory();
         // `vhost-user-backend` has already published the new table; refusing it here
         // closes the connection, and until then the workers keep off guest memory.
-        if let Err(e) = check_backing(&mem) {
-            self.broken.store(true, Ordering::Release);
-            return Err(e);
+        match check_backing(&mem) {
+            Ok(guards) => *lock(&self.guards) = guards,
+            Err(e) => {
+                self.broken.store(true, Ordering::Release);
+                return Err(e);
+            }
         }
         // Regions mapped during a migration must be logged from the start.
         dirty_log::set_logging(&mem, self.dirty_logging.load(Ordering::Acquire));
@@ -231,7 +314,13 @@ impl VhostUserBackend for VhostUserNet {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.exit_events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 log::error!("cannot create a worker exit event: {e}");
                 None
@@ -271,6 +360,7 @@ impl VhostUserBackend for VhostUserNet {
             &mem,
             self.link_params(),
         );
+        self.check_faults();
         Ok(())
     }
 }
