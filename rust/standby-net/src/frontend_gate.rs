@@ -88,6 +88,8 @@ const MAX_EARLY_ENABLES: usize = 64;
 pub struct Limits {
     pub num_queues: u32,
     pub max_queue_size: u32,
+    /// What GET_MAX_MEM_SLOTS answers.
+    pub max_mem_slots: u64,
 }
 
 /// How long a peer may take.
@@ -140,6 +142,8 @@ impl FrontendGate {
             close_reason: Arc::clone(&close_reason),
             features_acked: false,
             reply_ack: false,
+            mem_slots: false,
+            regions: 0,
             early_enables: BTreeMap::new(),
         };
         let handler_for_shutdown = handler.try_clone()?;
@@ -379,6 +383,10 @@ struct Requests {
     features_acked: bool,
     /// REPLY_ACK was acked: a request with NEED_REPLY wants an ack.
     reply_ack: bool,
+    /// CONFIGURE_MEM_SLOTS was acked: regions come one at a time (ADD_MEM_REG).
+    mem_slots: bool,
+    /// Regions the frontend has added (an upper bound: a refused one counts too).
+    regions: u64,
     /// Ring index → requested state, for SET_VRING_ENABLE held back.
     early_enables: BTreeMap<u32, u32>,
 }
@@ -423,6 +431,8 @@ impl Requests {
                     if let Some(value) = VhostUserU64::from_slice(&message.body) {
                         let acked = VhostUserProtocolFeatures::from_bits_truncate(value.value);
                         self.reply_ack = acked.contains(VhostUserProtocolFeatures::REPLY_ACK);
+                        self.mem_slots =
+                            acked.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
                     }
                 }
                 Some(FrontendReq::SET_VRING_ENABLE) if !self.features_acked => {
@@ -438,7 +448,11 @@ impl Requests {
                 // than the mapping kills the process at the first dirty page.
                 Some(FrontendReq::SET_LOG_BASE) => check_log(&message)?,
                 Some(code) => {
-                    if let Some(reason) = self.limits.refusal(code, &message.body) {
+                    let refusal = self
+                        .limits
+                        .refusal(code, &message.body)
+                        .or_else(|| self.slot_refusal(code, &message.body));
+                    if let Some(reason) = refusal {
                         self.refuse(&header, code, reason)?;
                         continue;
                     }
@@ -450,6 +464,35 @@ impl Requests {
                 self.features_acked = true;
                 self.replay_enables().map_err(GateError::Io)?;
             }
+        }
+    }
+
+    /// Memory regions one at a time: only when negotiated, and no more than the
+    /// device said it takes (GET_MAX_MEM_SLOTS); the crate would accept more.
+    fn slot_refusal(&mut self, code: FrontendReq, body: &[u8]) -> Option<String> {
+        match code {
+            FrontendReq::SET_MEM_TABLE => {
+                self.regions = body.get(..4).map_or(0, |n| {
+                    u64::from(u32::from_ne_bytes([n[0], n[1], n[2], n[3]]))
+                });
+                None
+            }
+            FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG if !self.mem_slots => Some(
+                format!("{code:?}: memory slots were not negotiated; use SET_MEM_TABLE"),
+            ),
+            FrontendReq::ADD_MEM_REG if self.regions >= self.limits.max_mem_slots => Some(format!(
+                "ADD_MEM_REG: {} regions already, the most GET_MAX_MEM_SLOTS allows",
+                self.regions
+            )),
+            FrontendReq::ADD_MEM_REG => {
+                self.regions += 1;
+                None
+            }
+            FrontendReq::REM_MEM_REG => {
+                self.regions = self.regions.saturating_sub(1);
+                None
+            }
+            _ => None,
         }
     }
 
@@ -555,11 +598,6 @@ impl Limits {
                     None
                 }
             }
-            // Not offered (no CONFIGURE_MEM_SLOTS): the crate would take regions past any
-            // advertised slot count.
-            FrontendReq::ADD_MEM_REG | FrontendReq::REM_MEM_REG => Some(format!(
-                "{code:?}: memory slots were not negotiated; use SET_MEM_TABLE"
-            )),
             _ => None,
         }
     }
@@ -610,6 +648,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         num_queues: 2,
         max_queue_size: 1024,
+        max_mem_slots: 4,
     };
 
     fn request(code: FrontendReq, flags: VhostUserHeaderFlag, body: &[u8]) -> Vec<u8> {
@@ -695,6 +734,42 @@ mod tests {
         let (reply, body) = read_header(&mut qemu);
         assert_eq!(reply.code().unwrap(), FrontendReq::GET_FEATURES);
         assert_eq!(VhostUserU64::from_slice(&body).unwrap().value, 7);
+    }
+
+    #[test]
+    fn regions_past_the_advertised_slots_are_refused() {
+        let (mut qemu, frontend) = UnixStream::pair().unwrap();
+        let (handler, mut crate_side) = UnixStream::pair().unwrap();
+        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
+        let acked =
+            VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        qemu.write_all(&request(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VhostUserHeaderFlag::empty(),
+            VhostUserU64::new(acked.bits()).as_slice(),
+        ))
+        .unwrap();
+        read_header(&mut crate_side);
+        let region = [0u8; 40];
+        for _ in 0..LIMITS.max_mem_slots {
+            qemu.write_all(&request(
+                FrontendReq::ADD_MEM_REG,
+                VhostUserHeaderFlag::NEED_REPLY,
+                &region,
+            ))
+            .unwrap();
+            let (header, _) = read_header(&mut crate_side);
+            assert_eq!(header.code(), Some(FrontendReq::ADD_MEM_REG), "passed on");
+        }
+        qemu.write_all(&request(
+            FrontendReq::ADD_MEM_REG,
+            VhostUserHeaderFlag::NEED_REPLY,
+            &region,
+        ))
+        .unwrap();
+        let (nack, body) = read_header(&mut qemu);
+        assert_eq!(nack.code(), Some(FrontendReq::ADD_MEM_REG));
+        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
     }
 
     #[test]

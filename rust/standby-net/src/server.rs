@@ -31,6 +31,9 @@ use crate::steering::{Mode, Steering, SteeringPort, SteeringStatus, SteeringThre
 use crate::vhu_net::{DeviceOffer, VhostUserNet};
 use crate::virtio_net::{protocol_features, BASE_FEATURES, F_MQ};
 
+/// What `vhost-user-backend` answers to GET_MAX_MEM_SLOTS (its own constant).
+const MAX_MEM_SLOTS: u64 = 509;
+
 /// How often client mode retries a frontend socket that is not there yet.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
 
@@ -563,6 +566,7 @@ fn serve_one(
         Limits {
             num_queues: shared.offer.queue_pairs as u32 * 2,
             max_queue_size: u32::from(shared.offer.max_queue_size),
+            max_mem_slots: MAX_MEM_SLOTS,
         },
     )
     .map_err(|e| format!("cannot start the request gate: {e}"))?;
