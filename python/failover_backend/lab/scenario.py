@@ -177,6 +177,7 @@ class Lab:
         kernel_args: list[str] | None = None,
         standby_socket: Path | None = None,
         standby_sockets: list[Path] | None = None,
+        standby_listens: bool = False,
         connect_qmp: bool = True,
         steer: bool = True,
     ) -> LabVM:
@@ -189,6 +190,8 @@ class Lab:
         :param standby_socket: Serve the (single) standby from a backend that already
             listens there (``run`` in another process) instead of one of the lab's.
         :param standby_sockets: The same, one socket per pair.
+        :param standby_listens: QEMU listens on the standby's socket (``server=on``)
+            and the backend connects (``serve --client``).
         :param connect_qmp: Leave the first two QMP sockets to others (``run`` on the
             first, ``migrate``/``status`` on the second): the VM's session then
             watches events on the third, and no lab controller steers.
@@ -215,6 +218,7 @@ class Lab:
                         device_id=f"standby{index}",
                         bus=f"root{2 * index + 2}",
                         failover=failover,
+                        backend_is_client=standby_listens,
                     )
                 )
             if primary:

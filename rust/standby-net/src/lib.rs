@@ -21,6 +21,7 @@
 //! ```
 
 mod config;
+mod connection;
 mod dirty_log;
 mod fault_guard;
 mod frontend_gate;

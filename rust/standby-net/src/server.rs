@@ -1,41 +1,25 @@
-//! The device's life: listen (or connect), serve one frontend, start over.
-//!
-//! Each connection gets a fresh `VhostUserNet` and `VhostUserDaemon`, so nothing a
-//! previous frontend negotiated or mapped leaks into the next one; ports, counters
-//! and the event log belong to the device and carry over. The frontend's socket
-//! reaches the daemon through a [`FrontendGate`] (see there for why).
+//! The device's life: listen (or connect), serve one frontend, start over
+//! ([`crate::connection`] serves each one). Ports, counters, steering and the event
+//! log belong to the device and carry over from one connection to the next.
 
 use std::io;
-use std::net::Shutdown;
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use thiserror::Error;
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BackendConfig, ConfigError};
-use crate::frontend_gate::{FrontendGate, Limits};
+use crate::connection::{describe_chain, serve_one, ConnectionHandle, HandlerSocket, Served};
 use crate::port::{open_ports, OpenPortError, Port, SharedPort};
 use crate::public_socket::{bind, BindError, PublicSocket};
 use crate::stats::{DeviceCounters, QueueStats};
 use crate::status::{ConnectionState, DeviceEvent, DeviceStatus, Negotiation, TimedEvent};
 use crate::steering::{Mode, Steering, SteeringPort, SteeringStatus, SteeringThread};
-use crate::vhu_net::{DeviceOffer, VhostUserNet};
+use crate::vhu_net::DeviceOffer;
 use crate::virtio_net::{protocol_features, BASE_FEATURES, F_MQ};
-
-/// What `vhost-user-backend` answers to GET_MAX_MEM_SLOTS (its own constant).
-const MAX_MEM_SLOTS: u64 = 509;
-
-/// How often client mode retries a frontend socket that is not there yet.
-const CONNECT_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -64,18 +48,18 @@ pub enum ServerError {
 }
 
 /// What the connection thread and any reader share.
-struct Shared {
-    config: BackendConfig,
-    offer: DeviceOffer,
-    ports: Vec<SharedPort>,
+pub(crate) struct Shared {
+    pub(crate) config: BackendConfig,
+    pub(crate) offer: DeviceOffer,
+    pub(crate) ports: Vec<SharedPort>,
     /// Present when the port reaches a host switch (TAP).
-    steering: Option<Arc<Steering>>,
-    counters: Arc<DeviceCounters>,
-    status: Arc<DeviceStatus>,
-    stopping: AtomicBool,
-    stop_event: EventFd,
+    pub(crate) steering: Option<Arc<Steering>>,
+    pub(crate) counters: Arc<DeviceCounters>,
+    pub(crate) status: Arc<DeviceStatus>,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) stop_event: EventFd,
     /// Ends the current connection from outside (stop).
-    connection: Mutex<Option<ConnectionHandle>>,
+    pub(crate) connection: Mutex<Option<ConnectionHandle>>,
 }
 
 /// A cheap handle to read a running device and act on it.
@@ -154,42 +138,6 @@ impl DeviceHandle {
     /// Steering's state and counters; `None` for ports without a host switch.
     pub fn steering_status(&self) -> Option<SteeringStatus> {
         self.shared.steering.as_ref().map(|s| s.status())
-    }
-}
-
-/// What closes the current connection: the frontend's socket and the handler's.
-struct ConnectionHandle {
-    frontend: UnixStream,
-    handler: Option<ShutdownHandle>,
-}
-
-impl ConnectionHandle {
-    fn shutdown(&self) {
-        let _ = self.frontend.shutdown(Shutdown::Both);
-        if let Some(handler) = &self.handler {
-            handler.shutdown();
-        }
-    }
-}
-
-/// Where `vhost-user-backend` accepts the gate's side of each connection: an abstract
-/// socket private to this process.
-struct HandlerSocket {
-    listener: Listener,
-    address: SocketAddr,
-}
-
-impl HandlerSocket {
-    fn new() -> io::Result<Self> {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let name = format!(
-            "standby-net-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let address = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let listener = Listener::from(UnixListener::bind_addr(&address)?);
-        Ok(Self { listener, address })
     }
 }
 
@@ -310,14 +258,8 @@ impl Drop for Server {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// How one connection ended.
-enum Served {
-    Disconnected,
-    Stopped,
 }
 
 fn run(shared: &Shared, socket: Option<PublicSocket>) {
@@ -345,7 +287,9 @@ fn run(shared: &Shared, socket: Option<PublicSocket>) {
         ) {
             Ok(Served::Disconnected) => continue,
             Ok(Served::Stopped) => break,
-            Err(reason) => {
+            Err(err) => {
+                let reason = describe_chain(&err);
+                log::error!("the device cannot serve any more: {reason}");
                 status.set_state(ConnectionState::Failed);
                 status.push(DeviceEvent::Failed { reason });
                 return;
@@ -356,329 +300,4 @@ fn run(shared: &Shared, socket: Option<PublicSocket>) {
     drop(socket);
     status.set_state(ConnectionState::Stopped);
     status.push(DeviceEvent::Stopped);
-}
-
-/// Wait for the frontend: accept on our socket, or connect to its socket.
-fn frontend_connection(
-    shared: &Shared,
-    socket: Option<&PublicSocket>,
-) -> Result<Option<UnixStream>, String> {
-    let status = &shared.status;
-    let path = shared.config.socket_path.display().to_string();
-    match socket {
-        Some(socket) => {
-            status.set_state(ConnectionState::Listening);
-            status.push(DeviceEvent::Listening { path });
-            if !wait_readable(socket.listener.as_raw_fd(), &shared.stop_event)? {
-                return Ok(None);
-            }
-            let (stream, _) = socket
-                .listener
-                .accept()
-                .map_err(|e| format!("cannot accept on {}: {e}", socket.path.display()))?;
-            Ok(Some(stream))
-        }
-        None => {
-            status.set_state(ConnectionState::Connecting);
-            status.push(DeviceEvent::Connecting { path: path.clone() });
-            loop {
-                match UnixStream::connect(&shared.config.socket_path) {
-                    Ok(stream) => return Ok(Some(stream)),
-                    Err(e) => {
-                        log::debug!("frontend socket {path} not ready: {e}");
-                        if wait_stop(&shared.stop_event, CONNECT_RETRY) {
-                            return Ok(None);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// While a frontend is connected, later ones are accepted and closed at once, with
-/// the reason logged: left in the listen queue they would hang in their handshake
-/// with no word why. A QEMU with `reconnect=N` tries again until this one leaves.
-/// Once the current frontend has hung up, newcomers wait for the next accept.
-struct RefuseWhileBusy {
-    done: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl RefuseWhileBusy {
-    fn start(
-        listener: &UnixListener,
-        frontend: &UnixStream,
-        status: Arc<DeviceStatus>,
-        connection: u64,
-    ) -> io::Result<Self> {
-        let listener = listener.try_clone()?;
-        let frontend = frontend.try_clone()?;
-        let done = EventFd::new(EFD_NONBLOCK)?;
-        let done_for_thread = done.try_clone()?;
-        let thread = thread::Builder::new()
-            .name("vhost-user-busy".to_string())
-            .spawn(move || {
-                while newcomer_while_busy(&listener, &frontend, &done_for_thread) {
-                    if let Ok((extra, _)) = listener.accept() {
-                        drop(extra);
-                        let event = DeviceEvent::Refused { connection };
-                        log::warn!("{}", crate::status::describe(&event));
-                        status.push(event);
-                    }
-                }
-            })?;
-        Ok(Self {
-            done,
-            thread: Some(thread),
-        })
-    }
-}
-
-/// Wait until another frontend knocks while `frontend` is still there (`true`), or
-/// until `frontend` hangs up or `done` fires (`false`).
-fn newcomer_while_busy(listener: &UnixListener, frontend: &UnixStream, done: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd {
-            fd: done.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: frontend.as_raw_fd(),
-            events: libc::POLLRDHUP,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return false;
-        }
-        return fds[0].revents == 0 && fds[1].revents == 0 && fds[2].revents != 0;
-    }
-}
-
-impl Drop for RefuseWhileBusy {
-    fn drop(&mut self) {
-        let _ = self.done.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The daemon of one connection. Dropping it joins its workers, then closes what
-/// `vhost-user-backend` leaves open (see [`VhostUserNet::close_exit_events`]), on
-/// every way out of a connection.
-struct ConnectionDaemon {
-    daemon: Option<VhostUserDaemon<Arc<VhostUserNet>>>,
-    backend: Arc<VhostUserNet>,
-}
-
-impl ConnectionDaemon {
-    fn new(
-        backend: &Arc<VhostUserNet>,
-        mem: GuestMemoryAtomic<crate::GuestMemory>,
-    ) -> Result<Self, String> {
-        // Made first: a daemon that fails half way may have taken exit events too.
-        let mut guard = Self {
-            daemon: None,
-            backend: Arc::clone(backend),
-        };
-        let daemon = VhostUserDaemon::new("vhost-user-net".to_string(), Arc::clone(backend), mem)
-            .map_err(|e| format!("cannot create the vhost-user daemon: {e}"))?;
-        guard.daemon = Some(daemon);
-        Ok(guard)
-    }
-}
-
-impl std::ops::Deref for ConnectionDaemon {
-    type Target = VhostUserDaemon<Arc<VhostUserNet>>;
-
-    fn deref(&self) -> &Self::Target {
-        self.daemon.as_ref().expect("present until dropped")
-    }
-}
-
-impl std::ops::DerefMut for ConnectionDaemon {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.daemon.as_mut().expect("present until dropped")
-    }
-}
-
-impl Drop for ConnectionDaemon {
-    fn drop(&mut self) {
-        self.daemon.take();
-        self.backend.close_exit_events();
-    }
-}
-
-/// Serve one frontend from connect to disconnect.
-fn serve_one(
-    shared: &Shared,
-    socket: Option<&PublicSocket>,
-    handler_socket: &mut HandlerSocket,
-    connection: &mut u64,
-) -> Result<Served, String> {
-    let status = &shared.status;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(VhostUserNet::new(
-        shared.offer.clone(),
-        mem.clone(),
-        shared.ports.clone(),
-        Arc::clone(&shared.counters),
-        Arc::clone(status),
-    ));
-    let mut daemon = ConnectionDaemon::new(&backend, mem)?;
-    backend
-        .register_ports(&daemon.get_epoll_handlers())
-        .map_err(|e| format!("cannot watch the host port: {e}"))?;
-
-    // Reset before accepting: once accepted, the frontend negotiates on its own thread.
-    status.update_negotiation(|n| {
-        n.acked_features = None;
-        n.dirty_logging = false;
-    });
-    let Some(frontend) = frontend_connection(shared, socket)? else {
-        return Ok(Served::Stopped);
-    };
-    let handler_side = UnixStream::connect_addr(&handler_socket.address)
-        .map_err(|e| format!("cannot reach the request handler: {e}"))?;
-    daemon
-        .start(&mut handler_socket.listener)
-        .map_err(|e| format!("the request handler did not accept: {e}"))?;
-    let gate = FrontendGate::start(
-        frontend
-            .try_clone()
-            .map_err(|e| format!("cannot share the frontend socket: {e}"))?,
-        handler_side,
-        shared.config.deadlines,
-        Limits {
-            num_queues: shared.offer.queue_pairs as u32 * 2,
-            max_queue_size: u32::from(shared.offer.max_queue_size),
-            max_mem_slots: MAX_MEM_SLOTS,
-        },
-    )
-    .map_err(|e| format!("cannot start the request gate: {e}"))?;
-
-    backend.attach_frontend(
-        frontend
-            .try_clone()
-            .map_err(|e| format!("cannot share the frontend socket: {e}"))?,
-    );
-    let frontend_for_busy = frontend
-        .try_clone()
-        .map_err(|e| format!("cannot share the frontend socket: {e}"))?;
-    *connection += 1;
-    status.update_negotiation(|n| n.connections = *connection);
-    status.set_state(ConnectionState::Connected);
-    status.push(DeviceEvent::Connected {
-        connection: *connection,
-    });
-    *lock(&shared.connection) = Some(ConnectionHandle {
-        frontend,
-        handler: daemon.shutdown_handle(),
-    });
-    if shared.stopping.load(Ordering::Acquire) {
-        if let Some(handle) = lock(&shared.connection).as_ref() {
-            handle.shutdown();
-        }
-    }
-
-    let busy = match socket {
-        Some(socket) => Some(
-            RefuseWhileBusy::start(
-                &socket.listener,
-                &frontend_for_busy,
-                Arc::clone(status),
-                *connection,
-            )
-            .map_err(|e| format!("cannot watch for other frontends: {e}"))?,
-        ),
-        None => None,
-    };
-    let result = daemon.wait();
-    drop(busy);
-    lock(&shared.connection).take();
-    // The handler's side is closed: the gate passes its last reply on, then closes.
-    let gate_reason = gate.finish();
-    let reason = match result {
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => backend.broken_reason().or(gate_reason),
-        // `vhost` closes the connection on any request it refuses; say which.
-        Err(e) => Some(format!("request refused, connection closed: {e}")),
-    };
-    if let Some(reason) = &reason {
-        log::warn!("{reason}");
-    }
-    status.push(DeviceEvent::Disconnected {
-        connection: *connection,
-        reason,
-    });
-    // Joins the workers before the ports are reset under them.
-    drop(daemon);
-    backend.reset_ports();
-    status.update_negotiation(|n| n.dirty_logging = false);
-    Ok(if shared.stopping.load(Ordering::Acquire) {
-        Served::Stopped
-    } else {
-        Served::Disconnected
-    })
-}
-
-/// Wait until `fd` is readable (`true`) or the stop event fires (`false`).
-fn wait_readable(fd: RawFd, stop: &EventFd) -> Result<bool, String> {
-    let mut fds = [
-        libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("cannot wait for a frontend: {err}"));
-        }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        if fds[0].revents != 0 {
-            return Ok(true);
-        }
-    }
-}
-
-/// Sleep up to `timeout`; `true` if the stop event fired.
-fn wait_stop(stop: &EventFd, timeout: Duration) -> bool {
-    let mut fd = libc::pollfd {
-        fd: stop.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ret = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
-    ret > 0
 }
