@@ -119,6 +119,7 @@ def main() -> int:
                     pass
             if cycle % every == 0 or cycle == args.cycles - 1:
                 wait_accepted(socket)
+                time.sleep(0.3)  # the probe's connection torn down: the device is idle
                 samples.append(sample(serve.pid, cycle))
     finally:
         elapsed = time.monotonic() - started

@@ -215,3 +215,39 @@ def test_client_mode_waits_for_the_frontend_socket_and_reconnects(
         asyncio.run(backend.wait_state(["connecting"], 10))
     stats = backend.stats()
     assert (stats.tx_packets, stats.rx_packets) == (128, 128)
+
+
+def test_a_hundred_backend_restarts_under_a_running_frontend_keep_exact_counts(
+    testpmd_binary: str, sockdir: Path
+) -> None:
+    """testpmd's virtio-user listens (server=1) and stays up; the backend connects
+    (client mode), carries one burst back, and is stopped, a hundred times: every frame
+    of every burst comes back, none twice."""
+    socket = sockdir / "vu.sock"
+    vdev = virtio_user_vdev(str(socket), server=1)
+    restarts = 100
+    # The first backend starts before testpmd, which waits for it before its prompt.
+    backend = StandbyBackend(socket, port="loop", client=True)
+    backend.start()
+    try:
+        with Testpmd(testpmd_binary, [vdev], ["--forward-mode=rxonly", "--nb-cores=1"]) as pmd:
+            for restart in range(1, restarts + 1):
+                if restart > 1:
+                    backend = StandbyBackend(socket, port="loop", client=True)
+                    backend.start()
+                wait_negotiated(backend)
+                pmd.cmd("start tx_first 1")
+                wait_for(
+                    lambda expected=32 * restart: pmd.port_stats(0)["RX-packets"] == expected,
+                    15,
+                    f"burst {restart} back",
+                )
+                pmd.cmd("stop")
+                stats = backend.stats()
+                assert (stats.tx_packets, stats.rx_packets, stats.drops) == (32, 32, 0), stats
+                backend.stop()
+            totals = pmd.port_stats(0)
+            pmd.quit()
+    finally:
+        backend.stop()
+    assert (totals["TX-packets"], totals["RX-packets"]) == (32 * restarts, 32 * restarts)

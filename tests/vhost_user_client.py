@@ -203,6 +203,9 @@ class SplitRings:
         return (self.avail(queue) + 4 + 2 * self.size + 2 + 3) & ~3
 
     def set_up(self, client: VhostUserClient) -> None:
+        """Fresh rings (indexes at 0), then the requests that set them up."""
+        for queue, base in self.bases.items():
+            self.memory.write(base, bytes(self.used(queue) + 6 + 8 * self.size - base))
         user = SharedMemory.USER_ADDR
         for queue, base in self.bases.items():
             assert client.set_vring_num(queue, self.size) == 0

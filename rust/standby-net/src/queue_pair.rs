@@ -189,6 +189,42 @@ fn valid_queue<'s>(
     }
 }
 
+/// Start a ring where its used index says, once per connection and ring layout.
+///
+/// A frontend sets the ring base (the next chain to process) with SET_VRING_BASE.
+/// QEMU sets it to where the last connection stopped, which is the used index that
+/// connection left in guest memory: this device completes every chain it takes
+/// before it returns. A frontend that reconnects may set it to 0 while its ring runs
+/// on (DPDK's virtio-user in server mode does): the chains between 0 and the used
+/// index would then be processed twice (frames sent again, stale buffers filled
+/// again). The used index is the truth; start from there.
+fn sync_with_used_ring(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    index: u16,
+    synced: &mut Option<RingLayout>,
+) -> Result<(), QueueError> {
+    let layout = RingLayout::of(queue);
+    if *synced == Some(layout) {
+        return Ok(());
+    }
+    let used = queue
+        .used_idx(mem, Ordering::Acquire)
+        .map_err(ring_error(index))?;
+    if used.0 != queue.next_avail() {
+        log::info!(
+            "virtqueue {index}: ring base {} differs from the used index {} in guest memory; \
+             resuming from the used index",
+            queue.next_avail(),
+            used.0
+        );
+        queue.set_next_avail(used.0);
+        queue.set_next_used(used.0);
+    }
+    *synced = Some(layout);
+    Ok(())
+}
+
 /// Interrupt the guest when the pass completed something it wants to hear about.
 fn signal_if(
     notify: bool,
@@ -216,6 +252,8 @@ pub struct TxVirtio {
     used: UsedRing,
     errors: ErrorLog,
     refused: Option<RingLayout>,
+    /// The ring layout whose start was checked against the used ring.
+    synced: Option<RingLayout>,
 }
 
 impl TxVirtio {
@@ -227,6 +265,7 @@ impl TxVirtio {
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
             refused: None,
+            synced: None,
         }
     }
 
@@ -290,6 +329,7 @@ impl TxVirtio {
         let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
             return Ok(TxProgress::default());
         };
+        sync_with_used_ring(queue, mem, self.queue, &mut self.synced)?;
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
         self.used.begin(queue);
@@ -379,6 +419,8 @@ pub struct RxVirtio {
     used: UsedRing,
     errors: ErrorLog,
     refused: Option<RingLayout>,
+    /// The ring layout whose start was checked against the used ring.
+    synced: Option<RingLayout>,
 }
 
 impl RxVirtio {
@@ -391,6 +433,7 @@ impl RxVirtio {
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
             refused: None,
+            synced: None,
         }
     }
 
@@ -529,6 +572,7 @@ impl RxVirtio {
         let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
             return Ok(RxProgress::default());
         };
+        sync_with_used_ring(queue, mem, self.queue, &mut self.synced)?;
         let queue_size = queue.size();
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();

@@ -25,6 +25,9 @@ pub struct TapPort {
     rx_buf: Vec<u8>,
     /// Length of the frame waiting in `rx_buf`, if any.
     rx_len: Option<usize>,
+    /// No frontend has negotiated since the last one left: what the TAP queued
+    /// meanwhile is stale.
+    between_frontends: bool,
 }
 
 // SAFETY: the iovecs only hold pointers while `transmit` runs; between calls they
@@ -40,6 +43,27 @@ impl TapPort {
             iovecs: Vec::with_capacity(IOV_MAX),
             rx_buf: vec![0; MAX_HDR_AND_FRAME_LEN],
             rx_len: None,
+            between_frontends: true,
+        }
+    }
+
+    /// Drop what the TAP queued while no guest could take it (up to its queue length,
+    /// seconds old when a backend restarts): a NIC without link would not have kept
+    /// it, and a restarted guest path should not spend its first moments on it.
+    fn discard_queued(&mut self) {
+        let mut discarded = 0u32;
+        while let Ok(len) = self.tap.read(&mut self.rx_buf) {
+            if len == 0 {
+                break;
+            }
+            discarded += 1;
+        }
+        self.rx_len = None;
+        if discarded > 0 {
+            log::info!(
+                "{}: discarded {discarded} frame(s) queued while no frontend was connected",
+                self.tap.name()
+            );
         }
     }
 
@@ -123,6 +147,10 @@ impl Port for TapPort {
     }
 
     fn configure(&mut self, vnet_hdr_len: usize, acked_features: u64) -> io::Result<()> {
+        // A new frontend (not a renegotiation, as QEMU's at each migration's start).
+        if std::mem::take(&mut self.between_frontends) {
+            self.discard_queued();
+        }
         self.tap.set_vnet_hdr_len(vnet_hdr_len)?;
         self.vnet_hdr_len.store(vnet_hdr_len, Ordering::Release);
         if self.offloads_supported {
@@ -133,6 +161,7 @@ impl Port for TapPort {
 
     fn reset(&mut self) {
         self.rx_len = None;
+        self.between_frontends = true;
         // Until the next guest says what it accepts, let the kernel finish checksums
         // and segmentation.
         if self.offloads_supported {
