@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,32 @@ def test_serve_carries_traffic_and_stops_cleanly_on_sigterm(
     ):
         assert expected in err
     assert not socket.exists(), "the socket must be removed at exit"
+
+
+def test_serve_exits_1_with_the_cause_when_the_device_cannot_serve_again(
+    sockdir: Path,
+) -> None:
+    """Out of descriptors, a connection cannot be set up: serve says why and exits 1,
+    so its supervisor restarts it (it does not linger, alive and useless)."""
+    path = sockdir / "s.sock"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "failover_backend", "serve", "--socket", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(path.exists, 15, "the socket")
+        # Leave the process no room for one more connection's descriptors.
+        idle = len(list(Path(f"/proc/{serve.pid}/fd").iterdir()))
+        subprocess.run(["prlimit", f"--pid={serve.pid}", f"--nofile={idle + 2}"], check=True)
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(path))
+        out, err = serve.communicate(timeout=30)
+        client.close()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert serve.returncode == 1, (out, err)
+    assert "error: the backend cannot serve any more:" in err
+    assert "Too many open files" in err
