@@ -1,7 +1,8 @@
 """A tiny Linux guest for failover experiments, built from Debian packages.
 
 Kernel: Debian's standard ``linux-image-amd64`` flavour (the *cloud* flavour lacks
-e1000e), unpacked with ``dpkg-deb -x``, never installed. Userland: ``busybox-static``.
+e1000e), unpacked with ``dpkg-deb -x``, never installed. Userland: ``busybox-static``,
+and ``udp-sink`` (``udp_sink.c``, built static here), a UDP receiver busybox lacks.
 The initramfs carries virtio_pci, virtio_net, failover, net_failover and e1000e (the
 emulated primary), with their dependencies as ``modprobe --show-depends`` lists them,
 and an ``/init`` (``guest_init.sh``) that brings the failover master up and serves
@@ -30,6 +31,8 @@ GUEST_MODULES = ("virtio_pci", "failover", "net_failover", "virtio_net", "e1000e
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 INIT_SCRIPT = Path(__file__).with_name("guest_init.sh")
+#: A UDP receiver for the guest (busybox has none), built static on the host.
+UDP_SINK = Path(__file__).with_name("udp_sink.c")
 
 
 class GuestImageError(RuntimeError):
@@ -133,6 +136,7 @@ def _build(kernel_deb: Path, busybox_deb: Path, out: Path) -> GuestImage:
             (initramfs / sub).mkdir(parents=True)
         shutil.copy2(busybox_root / "bin" / "busybox", initramfs / "bin" / "busybox")
         shutil.copy2(INIT_SCRIPT, initramfs / "init")
+        _run("gcc", "-static", "-O2", "-o", str(initramfs / "bin" / "udp-sink"), str(UDP_SINK))
         (initramfs / "init").chmod(0o755)
         names = []
         for module in _module_files(kernel_root, kernel_version):
@@ -179,7 +183,12 @@ def build_guest_image(cache: Path | None = None) -> GuestImage:
     kernel_deb = _download(_kernel_package(), debs)
     busybox_deb = _download(BUSYBOX_PACKAGE, debs)
     key = hashlib.sha256()
-    for part in (_sha256(kernel_deb), _sha256(busybox_deb), _sha256(INIT_SCRIPT)):
+    for part in (
+        _sha256(kernel_deb),
+        _sha256(busybox_deb),
+        _sha256(INIT_SCRIPT),
+        _sha256(UDP_SINK),
+    ):
         key.update(part.encode())
     key.update(" ".join(GUEST_MODULES).encode())
     out = cache / "guest" / f"{kernel_deb.name.split('_')[0]}-{key.hexdigest()[:16]}"
