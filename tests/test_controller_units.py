@@ -274,3 +274,26 @@ def test_a_qmp_socket_that_does_not_exist_fails_fast_and_clearly(tmp_path: Path)
         )
         assert result.returncode == 1, result
         assert "cannot connect to QMP" in result.stderr and str(missing) in result.stderr
+
+
+def test_socket_access_and_handshake_deadline_in_the_config(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'mac = "52:54:00:12:34:56"',
+        'mac = "52:54:00:12:34:56"\nsocket_mode = 0o660\nsocket_group = "kvm"\n'
+        "handshake_timeout = 2",
+    )
+    (pair,) = load_config(write(tmp_path, text)).pairs
+    assert (pair.backend.socket_mode, pair.backend.socket_group) == (0o660, "kvm")
+    assert pair.backend.handshake_timeout == 2.0
+    octal = load_config(write(tmp_path, text.replace("0o660", '"0640"'))).pairs[0]
+    assert octal.backend.socket_mode == 0o640
+    for bad, field in (
+        ('socket_mode = "rw"', "backend.socket_mode"),
+        ("socket_mode = 0o1777", "backend.socket_mode"),
+        ("handshake_timeout = 0", "backend.handshake_timeout"),
+    ):
+        line = bad.split(" = ")[0]
+        broken = "\n".join(bad if row.startswith(line) else row for row in text.splitlines())
+        with pytest.raises(ConfigError) as raised:
+            load_config(write(tmp_path, broken))
+        assert raised.value.field == field

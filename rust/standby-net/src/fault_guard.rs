@@ -8,14 +8,15 @@
 //! faulting one (the access then completes: reads see zeros, writes go nowhere),
 //! flags the mapping, and returns; the device sees the flag after its pass over the
 //! queues and closes the connection ([`GuardedRange::faulted`]). A SIGBUS anywhere
-//! else gets the default action: the process dies, as it should.
+//! else goes to the handler that was there before (an embedding program's, a
+//! fuzzer's), or gets the default action: the process dies, as it should.
 //!
 //! The handler only reads atomics and calls `mmap(2)`, which is a plain system call
 //! on Linux; it takes no lock and allocates nothing.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Once;
+use std::sync::{Once, OnceLock};
 
 /// Mappings guarded at once (regions of all connections of this process).
 const SLOTS: usize = 256;
@@ -37,11 +38,13 @@ const FREE: Slot = Slot {
 static SLOTS_TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 static INSTALL: Once = Once::new();
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The disposition of SIGBUS before ours, written once before ours is installed.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 extern "C" fn on_sigbus(
-    _signal: libc::c_int,
+    signal: libc::c_int,
     info: *mut libc::siginfo_t,
-    _context: *mut libc::c_void,
+    context: *mut libc::c_void,
 ) {
     // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler.
     let address = unsafe { (*info).si_addr() } as usize;
@@ -70,7 +73,25 @@ extern "C" fn on_sigbus(
             }
         }
     }
-    // Not guest memory: the default action, when the faulting access runs again.
+    // Not guest memory: whoever handled SIGBUS before us, else the default action
+    // when the faulting access runs again.
+    if let Some(previous) = PREVIOUS.get() {
+        let handler = previous.sa_sigaction;
+        if previous.sa_flags & libc::SA_SIGINFO != 0 && handler > libc::SIG_IGN {
+            // SAFETY: the handler was installed for SIGBUS with SA_SIGINFO, so it takes
+            // these three arguments; we pass on what the kernel gave us.
+            let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(handler) };
+            handler(signal, info, context);
+            return;
+        }
+        if previous.sa_flags & libc::SA_SIGINFO == 0 && handler > libc::SIG_IGN {
+            // SAFETY: a plain handler installed for SIGBUS takes the signal number.
+            let handler: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
+            handler(signal);
+            return;
+        }
+    }
     // SAFETY: restoring the default disposition of SIGBUS from its own handler.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
@@ -88,6 +109,12 @@ fn install() -> io::Result<()> {
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = on_sigbus as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: a zeroed sigaction is a valid value for the kernel to fill in.
+        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: reads the current disposition into `previous`, which lives for the call.
+        if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) } == 0 {
+            let _ = PREVIOUS.set(previous);
+        }
         // SAFETY: `action` is a valid sigaction whose handler has the SA_SIGINFO shape.
         if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } < 0 {
             result = Err(io::Error::last_os_error());

@@ -33,8 +33,9 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserLog, VhostUserProtocolFeatures, VhostUserU64,
-    VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
+    FrontendReq, VhostUserHeaderFlag, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64, VhostUserVringState,
+    MAX_ATTACHED_FD_ENTRIES,
 };
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -451,6 +452,7 @@ impl Requests {
                     let refusal = self
                         .limits
                         .refusal(code, &message.body)
+                        .or_else(|| unmappable_region(code, &message))
                         .or_else(|| self.slot_refusal(code, &message.body));
                     if let Some(reason) = refusal {
                         self.refuse(&header, code, reason)?;
@@ -601,6 +603,43 @@ impl Limits {
             _ => None,
         }
     }
+}
+
+/// Guest memory must lie inside the files it comes in. Checked here, before the
+/// handler sees it: `vhost-user-backend` maps a table and hands it to the workers
+/// before the device is asked about it, and a worker touching a page past the end of
+/// its file kills the process with SIGBUS (found by `fuzz/`, vhost_user_session).
+fn unmappable_region(code: FrontendReq, message: &Message) -> Option<String> {
+    let regions: Vec<VhostUserMemoryRegion> = match code {
+        FrontendReq::SET_MEM_TABLE => {
+            let header_len = std::mem::size_of::<VhostUserMemory>();
+            let table = message.body.get(header_len..)?;
+            table
+                .chunks_exact(std::mem::size_of::<VhostUserMemoryRegion>())
+                .filter_map(VhostUserMemoryRegion::from_slice)
+                .copied()
+                .collect()
+        }
+        FrontendReq::ADD_MEM_REG => {
+            let single = VhostUserSingleMemoryRegion::from_slice(&message.body)?;
+            vec![**single]
+        }
+        // Anything malformed is left to the handler, which refuses it.
+        _ => return None,
+    };
+    for (region, fd) in regions.iter().zip(&message.fds) {
+        // Packed struct: copy the fields out before using them.
+        let (guest, size, offset) = (
+            region.guest_phys_addr,
+            region.memory_size,
+            region.mmap_offset,
+        );
+        let what = format!("memory region at guest address {guest:#x}");
+        if let Err(e) = check_mappable(fd.as_fd(), offset, size, &what) {
+            return Some(format!("{code:?} refused: {e}"));
+        }
+    }
+    None
 }
 
 /// The dirty log must cover the mapping it is given for, and stay that size.
@@ -770,6 +809,96 @@ mod tests {
         let (nack, body) = read_header(&mut qemu);
         assert_eq!(nack.code(), Some(FrontendReq::ADD_MEM_REG));
         assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+    }
+
+    fn sealable_memfd(len: u64) -> std::fs::File {
+        let name = std::ffi::CString::new("gate-test-ram").unwrap();
+        // SAFETY: a valid name; the new descriptor is owned right below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    fn one_region_table(size: u64, mmap_offset: u64) -> Vec<u8> {
+        let mut body = VhostUserMemory::new(1).as_slice().to_vec();
+        let region = VhostUserMemoryRegion::new(0, size, 0x7f00_0000_0000, mmap_offset);
+        body.extend_from_slice(region.as_slice());
+        body
+    }
+
+    #[test]
+    fn a_region_past_the_end_of_its_file_never_reaches_the_handler() {
+        let (mut qemu, frontend) = UnixStream::pair().unwrap();
+        let (handler, mut crate_side) = UnixStream::pair().unwrap();
+        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
+        // A table passed on instead of refused fails the test rather than hanging it.
+        qemu.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let acked =
+            VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        qemu.write_all(&request(
+            FrontendReq::SET_PROTOCOL_FEATURES,
+            VhostUserHeaderFlag::empty(),
+            VhostUserU64::new(acked.bits()).as_slice(),
+        ))
+        .unwrap();
+        read_header(&mut crate_side);
+        let ram = sealable_memfd(0x1_0000);
+
+        // One region at a time is checked the same way.
+        let mut single = 0u64.to_ne_bytes().to_vec();
+        single.extend_from_slice(&one_region_table(0x1_0000, 0x1000)[8..]);
+        let add = request(
+            FrontendReq::ADD_MEM_REG,
+            VhostUserHeaderFlag::NEED_REPLY,
+            &single,
+        );
+        qemu.send_with_fds(&[&add[..]], &[ram.as_raw_fd()]).unwrap();
+        let (nack, body) = read_header(&mut qemu);
+        assert_eq!(nack.code(), Some(FrontendReq::ADD_MEM_REG));
+        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+
+        // The table the fuzzer found: the right size, at an offset far past the end.
+        let past_end = request(
+            FrontendReq::SET_MEM_TABLE,
+            VhostUserHeaderFlag::NEED_REPLY,
+            &one_region_table(0x1_0000, 0x3_0000_0000_0000),
+        );
+        qemu.send_with_fds(&[&past_end[..]], &[ram.as_raw_fd()])
+            .unwrap();
+        let (nack, body) = read_header(&mut qemu);
+        assert_eq!(nack.code(), Some(FrontendReq::SET_MEM_TABLE));
+        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+
+        // One byte too long is refused too; the exact size passes, sealed.
+        let one_too_many = request(
+            FrontendReq::SET_MEM_TABLE,
+            VhostUserHeaderFlag::NEED_REPLY,
+            &one_region_table(0x1_0001, 0),
+        );
+        qemu.send_with_fds(&[&one_too_many[..]], &[ram.as_raw_fd()])
+            .unwrap();
+        let (nack, body) = read_header(&mut qemu);
+        assert_eq!(nack.code(), Some(FrontendReq::SET_MEM_TABLE));
+        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+        let fits = request(
+            FrontendReq::SET_MEM_TABLE,
+            VhostUserHeaderFlag::NEED_REPLY,
+            &one_region_table(0x1_0000, 0),
+        );
+        qemu.send_with_fds(&[&fits[..]], &[ram.as_raw_fd()])
+            .unwrap();
+        let (header, _) = read_header(&mut crate_side);
+        assert_eq!(
+            header.code(),
+            Some(FrontendReq::SET_MEM_TABLE),
+            "only the fitting table"
+        );
+        // SAFETY: F_GET_SEALS takes no argument.
+        let seals = unsafe { libc::fcntl(ram.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_ne!(seals & libc::F_SEAL_SHRINK, 0, "sealed against shrinking");
     }
 
     #[test]

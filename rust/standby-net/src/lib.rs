@@ -26,6 +26,9 @@ mod dirty_log;
 mod fault_guard;
 mod frontend_gate;
 mod frontend_memory;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod port;
 mod public_socket;
 mod queue_pair;

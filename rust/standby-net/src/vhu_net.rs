@@ -286,8 +286,9 @@ impl VhostUserBackend for VhostUserNet {
 
     fn update_memory(&self, atomic_mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         let mem = atomic_mem.memory();
-        // `vhost-user-backend` has already published the new table; refusing it here
-        // closes the connection, and until then the workers keep off guest memory.
+        // The gate checked every region before the handler mapped it (the crate
+        // publishes a table to the workers before asking us); this is the backstop,
+        // and registers the new regions with the fault guard.
         match check_backing(&mem) {
             Ok(guards) => *lock(&self.guards) = guards,
             Err(e) => {
