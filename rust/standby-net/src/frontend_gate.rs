@@ -449,10 +449,15 @@ impl Requests {
                 // than the mapping kills the process at the first dirty page.
                 Some(FrontendReq::SET_LOG_BASE) => check_log(&message)?,
                 Some(code) => {
+                    // Memory the device cannot use leaves nothing to serve: NACKed if
+                    // asked, then closed, as when the handler fails to map a table.
+                    if let Some(reason) = unmappable_region(code, &message) {
+                        self.refuse(&header, code, reason.clone())?;
+                        return Err(GateError::Refused(reason));
+                    }
                     let refusal = self
                         .limits
                         .refusal(code, &message.body)
-                        .or_else(|| unmappable_region(code, &message))
                         .or_else(|| self.slot_refusal(code, &message.body));
                     if let Some(reason) = refusal {
                         self.refuse(&header, code, reason)?;
@@ -829,60 +834,63 @@ mod tests {
         body
     }
 
-    #[test]
-    fn a_region_past_the_end_of_its_file_never_reaches_the_handler() {
-        let (mut qemu, frontend) = UnixStream::pair().unwrap();
+    /// A gate with REPLY_ACK and memory slots negotiated; QEMU's side reads with a
+    /// timeout, so a request passed on instead of refused fails rather than hangs.
+    fn gate_with_slots() -> (UnixStream, UnixStream, FrontendGate) {
+        let (qemu, frontend) = UnixStream::pair().unwrap();
         let (handler, mut crate_side) = UnixStream::pair().unwrap();
-        let _gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
-        // A table passed on instead of refused fails the test rather than hanging it.
+        let gate = FrontendGate::start(frontend, handler, Deadlines::default(), LIMITS).unwrap();
         qemu.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let acked =
             VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-        qemu.write_all(&request(
-            FrontendReq::SET_PROTOCOL_FEATURES,
-            VhostUserHeaderFlag::empty(),
-            VhostUserU64::new(acked.bits()).as_slice(),
-        ))
-        .unwrap();
+        (&qemu)
+            .write_all(&request(
+                FrontendReq::SET_PROTOCOL_FEATURES,
+                VhostUserHeaderFlag::empty(),
+                VhostUserU64::new(acked.bits()).as_slice(),
+            ))
+            .unwrap();
         read_header(&mut crate_side);
-        let ram = sealable_memfd(0x1_0000);
+        (qemu, crate_side, gate)
+    }
 
-        // One region at a time is checked the same way.
+    #[test]
+    fn a_region_past_the_end_of_its_file_is_nacked_and_the_connection_closed() {
+        let ram = sealable_memfd(0x1_0000);
         let mut single = 0u64.to_ne_bytes().to_vec();
         single.extend_from_slice(&one_region_table(0x1_0000, 0x1000)[8..]);
-        let add = request(
-            FrontendReq::ADD_MEM_REG,
-            VhostUserHeaderFlag::NEED_REPLY,
-            &single,
-        );
-        qemu.send_with_fds(&[&add[..]], &[ram.as_raw_fd()]).unwrap();
-        let (nack, body) = read_header(&mut qemu);
-        assert_eq!(nack.code(), Some(FrontendReq::ADD_MEM_REG));
-        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+        let cases = [
+            // One region at a time is checked the same way.
+            (FrontendReq::ADD_MEM_REG, single),
+            // The table the fuzzer found: the right size, at an offset far past the end.
+            (
+                FrontendReq::SET_MEM_TABLE,
+                one_region_table(0x1_0000, 0x3_0000_0000_0000),
+            ),
+            // One byte too long.
+            (FrontendReq::SET_MEM_TABLE, one_region_table(0x1_0001, 0)),
+        ];
+        for (code, body) in cases {
+            let (mut qemu, mut crate_side, gate) = gate_with_slots();
+            let bad = request(code, VhostUserHeaderFlag::NEED_REPLY, &body);
+            qemu.send_with_fds(&[&bad[..]], &[ram.as_raw_fd()]).unwrap();
+            let (nack, reply) = read_header(&mut qemu);
+            assert_eq!(nack.code(), Some(code));
+            assert_ne!(VhostUserU64::from_slice(&reply).unwrap().value, 0, "NACK");
+            let mut rest = Vec::new();
+            qemu.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "{code:?}: closed after the NACK");
+            crate_side.read_to_end(&mut rest).unwrap();
+            assert!(rest.is_empty(), "{code:?}: never reached the handler");
+            let reason = gate.close_reason().expect("a reason for closing");
+            assert!(reason.contains("past the end"), "{reason}");
+        }
+    }
 
-        // The table the fuzzer found: the right size, at an offset far past the end.
-        let past_end = request(
-            FrontendReq::SET_MEM_TABLE,
-            VhostUserHeaderFlag::NEED_REPLY,
-            &one_region_table(0x1_0000, 0x3_0000_0000_0000),
-        );
-        qemu.send_with_fds(&[&past_end[..]], &[ram.as_raw_fd()])
-            .unwrap();
-        let (nack, body) = read_header(&mut qemu);
-        assert_eq!(nack.code(), Some(FrontendReq::SET_MEM_TABLE));
-        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
-
-        // One byte too long is refused too; the exact size passes, sealed.
-        let one_too_many = request(
-            FrontendReq::SET_MEM_TABLE,
-            VhostUserHeaderFlag::NEED_REPLY,
-            &one_region_table(0x1_0001, 0),
-        );
-        qemu.send_with_fds(&[&one_too_many[..]], &[ram.as_raw_fd()])
-            .unwrap();
-        let (nack, body) = read_header(&mut qemu);
-        assert_eq!(nack.code(), Some(FrontendReq::SET_MEM_TABLE));
-        assert_ne!(VhostUserU64::from_slice(&body).unwrap().value, 0, "NACK");
+    #[test]
+    fn a_table_inside_its_file_is_passed_on_and_the_file_sealed() {
+        let ram = sealable_memfd(0x1_0000);
+        let (qemu, mut crate_side, _gate) = gate_with_slots();
         let fits = request(
             FrontendReq::SET_MEM_TABLE,
             VhostUserHeaderFlag::NEED_REPLY,
@@ -891,11 +899,7 @@ mod tests {
         qemu.send_with_fds(&[&fits[..]], &[ram.as_raw_fd()])
             .unwrap();
         let (header, _) = read_header(&mut crate_side);
-        assert_eq!(
-            header.code(),
-            Some(FrontendReq::SET_MEM_TABLE),
-            "only the fitting table"
-        );
+        assert_eq!(header.code(), Some(FrontendReq::SET_MEM_TABLE));
         // SAFETY: F_GET_SEALS takes no argument.
         let seals = unsafe { libc::fcntl(ram.as_raw_fd(), libc::F_GET_SEALS) };
         assert_ne!(seals & libc::F_SEAL_SHRINK, 0, "sealed against shrinking");
