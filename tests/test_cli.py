@@ -36,6 +36,7 @@ def start_serve(*args: str) -> subprocess.Popen[str]:
     [
         (["--port", "udp:1.2.3.4"], "--port"),
         (["--port", "tap:"], "--port"),
+        (["--port", "gen:64,rate=0"], "--port"),
         (["--queues", "0"], "--queues"),
         (["--queues", "two"], "--queues"),
         (["--mac", "01:00:5e:00:00:01"], "--mac"),

@@ -115,7 +115,8 @@ def test_pair_errors_name_the_pair_and_the_field(
 @pytest.mark.parametrize(
     ("change", "field", "says"),
     [
-        (('port = "tap:fbtap0"', 'port = "udp:1"'), "backend.port", '"tap:NAME"'),
+        (('port = "tap:fbtap0"', 'port = "udp:1"'), "backend.port", "tap:NAME or gen:SIZE"),
+        (('port = "tap:fbtap0"', 'port = "gen:10"'), "backend.port", "expected 60 to 9018 bytes"),
         (('mac = "52:54:00:12:34:56"', 'mac = "01:00:5e:00:00:01"'), "backend.mac", "unicast"),
         (('socket = "/run/fb/vm1.sock"\n', ""), "backend.socket", "missing; add it"),
         (('standby = "net1"', "standby = 3"), "qemu.standby", "expected a string"),

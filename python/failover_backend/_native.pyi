@@ -12,6 +12,7 @@ __all__ = [
     "BackendError",
     "NativeBackend",
     "feature_names",
+    "parse_port",
     "protocol_feature_names",
 ]
 
@@ -67,3 +68,4 @@ class NativeBackend:
 
 def feature_names(features: int) -> list[str]: ...
 def protocol_feature_names(features: int) -> list[str]: ...
+def parse_port(spec: str) -> str: ...

@@ -184,7 +184,8 @@ class StandbyBackend:
 
     :param socket_path: The vhost-user Unix socket.
     :param port: Host side: ``"null"`` (count and drop), ``"loop"`` (back to the
-        guest) or ``"tap:NAME"`` (a TAP device, created if missing).
+        guest), ``"tap:NAME"`` (a TAP device, created if missing) or
+        ``"gen:SIZE[,rate=FPS][,count=N]"`` (numbered frames for the guest).
     :param mac: The guest's MAC (the primary must carry the same one); random if omitted.
     :param queues: Queue pairs (one worker thread each).
     :param client: Connect to a socket the frontend listens on, instead of listening.

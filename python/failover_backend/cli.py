@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import _native
 from .backend import StandbyBackend
 from .config import load_config
 from .errors import ConfigError, FailoverError
@@ -26,9 +27,10 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 
 def _port(value: str) -> str:
-    if value in ("null", "loop") or (value.startswith("tap:") and 0 < len(value) - 4 < 16):
-        return value
-    raise argparse.ArgumentTypeError(f"expected null, loop or tap:NAME, got {value!r}")
+    try:
+        return _native.parse_port(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("port: ")) from None
 
 
 def _mac(value: str) -> str:
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=_port,
         default="null",
-        help="host side: null, loop or tap:NAME (default null)",
+        help="host side: null, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N] (default null)",
     )
     serve_cmd.add_argument(
         "--queues", type=_bounded(1, 16), default=1, help="queue pairs (default 1)"

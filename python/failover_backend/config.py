@@ -6,7 +6,7 @@ One pair::
     # The standby's backend (this process serves it).
     [backend]
     socket = "/run/failover-backend/vm1.sock"
-    port = "tap:fbtap0"           # null | loop | tap:NAME
+    port = "tap:fbtap0"           # null | loop | tap:NAME | gen:SIZE[,rate=FPS][,count=N]
     mac = "52:54:00:12:34:56"     # the guest's MAC: the standby's and the primary's
     queues = 1
     client = false                # true: QEMU listens (chardev server=on)
@@ -66,11 +66,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python < 3.11 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
+from . import _native
 from .errors import ConfigError
 from .pairing import PrimaryConfig
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_PORT = re.compile(r"^(null|loop|tap:[^/\s]{1,15})$")
 _KIND_NAMES = {
     str: "a string",
     int: "an integer",
@@ -179,8 +179,11 @@ def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection
     b = _Reader(source, table, prefix)
     socket = Path(b.get("socket", str, example='"/run/failover-backend/vm1.sock"'))
     port = b.get("port", str, "null")
-    if not _PORT.match(port):
-        raise b.error("port", f'expected "null", "loop" or "tap:NAME", got {port!r}')
+    try:
+        port = _native.parse_port(port)
+    except ValueError as e:
+        # The core's rule and words, without its own field prefix.
+        raise b.error("port", str(e).removeprefix("port: ")) from None
     mac = b.get("mac", str, example='"52:54:00:12:34:56"')
     if not _MAC.match(mac) or int(mac[:2], 16) & 1:
         raise b.error("mac", f"expected a unicast MAC like 52:54:00:12:34:56, got {mac!r}")

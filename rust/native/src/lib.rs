@@ -332,6 +332,15 @@ fn protocol_feature_names(features: u64) -> Vec<&'static str> {
     virtio_net::protocol_feature_names(features)
 }
 
+/// The host port `spec` in its canonical spelling; `ValueError` ("port: ...") when it
+/// is not one. The CLI and the TOML loader check ports here, with the core's rules.
+#[pyfunction]
+fn parse_port(spec: &str) -> PyResult<String> {
+    spec.parse::<PortSpec>()
+        .map(|port| port.to_string())
+        .map_err(config_err)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records go to Python's `logging` (logger names follow the Rust modules).
@@ -340,6 +349,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("BackendError", m.py().get_type::<BackendError>())?;
     m.add_function(wrap_pyfunction!(feature_names, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_feature_names, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_port, m)?)?;
     m.add("F_STANDBY", virtio_net::F_STANDBY)?;
     m.add("F_LOG_ALL", virtio_net::F_LOG_ALL)?;
     m.add("F_MRG_RXBUF", virtio_net::F_MRG_RXBUF)?;

@@ -22,8 +22,10 @@ pub const DEFAULT_MTU: u16 = 1500;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("port: expected null, loop or tap:NAME, got {0:?}")]
+    #[error("port: expected null, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N], got {0:?}")]
     UnknownPort(String),
+    #[error("port: gen {0}")]
+    BadGenerator(String),
     #[error("port: TAP name {0:?} must be 1 to 15 characters without '/' or whitespace")]
     BadTapName(String),
     #[error("mac: expected six hex octets like 52:54:00:12:34:56, got {0:?}")]
@@ -53,6 +55,80 @@ pub enum PortSpec {
     Loop,
     /// A TAP device, opened or created by name.
     Tap { name: String },
+    /// Generate numbered frames for the guest (a host→guest source for benchmarks).
+    Gen(GenSpec),
+}
+
+/// What a `gen` port sends: frames of `size` bytes, as fast as the guest takes them or
+/// at `rate` frames a second, and `count` of them per connection (else without end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenSpec {
+    /// Ethernet frame length without the FCS, as testpmd's `--txpkts` counts it.
+    pub size: u16,
+    pub rate: Option<u64>,
+    pub count: Option<u64>,
+}
+
+impl GenSpec {
+    /// The Ethernet minimum (without FCS) up to a jumbo frame.
+    pub const SIZES: std::ops::RangeInclusive<u16> = 60..=9018;
+
+    fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = |what: String| ConfigError::BadGenerator(what);
+        let mut parts = text.split(',');
+        let size = parts.next().unwrap_or_default();
+        let size = size
+            .parse::<u16>()
+            .ok()
+            .filter(|n| Self::SIZES.contains(n))
+            .ok_or_else(|| {
+                bad(format!(
+                    "frame size: expected {} to {} bytes, got {size:?}",
+                    Self::SIZES.start(),
+                    Self::SIZES.end()
+                ))
+            })?;
+        let mut spec = Self {
+            size,
+            rate: None,
+            count: None,
+        };
+        for option in parts {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let number = value.parse::<u64>().ok().filter(|&n| n > 0);
+            let slot = match key {
+                "rate" => &mut spec.rate,
+                "count" => &mut spec.count,
+                _ => {
+                    return Err(bad(format!(
+                        "option: expected rate=FPS or count=N, got {option:?}"
+                    )))
+                }
+            };
+            if slot.is_some() {
+                return Err(bad(format!("option {key} given twice")));
+            }
+            *slot = Some(number.ok_or_else(|| {
+                bad(format!(
+                    "{key}: expected a whole number above 0, got {value:?}"
+                ))
+            })?);
+        }
+        Ok(spec)
+    }
+}
+
+impl fmt::Display for GenSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gen:{}", self.size)?;
+        if let Some(rate) = self.rate {
+            write!(f, ",rate={rate}")?;
+        }
+        if let Some(count) = self.count {
+            write!(f, ",count={count}")?;
+        }
+        Ok(())
+    }
 }
 
 impl FromStr for PortSpec {
@@ -75,7 +151,10 @@ impl FromStr for PortSpec {
                         Err(ConfigError::BadTapName(name.to_string()))
                     }
                 }
-                None => Err(ConfigError::UnknownPort(s.to_string())),
+                None => match s.strip_prefix("gen:") {
+                    Some(text) => GenSpec::parse(text).map(Self::Gen),
+                    None => Err(ConfigError::UnknownPort(s.to_string())),
+                },
             },
         }
     }
@@ -87,6 +166,7 @@ impl fmt::Display for PortSpec {
             Self::Null => f.write_str("null"),
             Self::Loop => f.write_str("loop"),
             Self::Tap { name } => write!(f, "tap:{name}"),
+            Self::Gen(spec) => spec.fmt(f),
         }
     }
 }
@@ -225,6 +305,46 @@ impl BackendConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_generators_and_says_what_is_wrong() {
+        let generator = |size, rate, count| Ok(PortSpec::Gen(GenSpec { size, rate, count }));
+        assert_eq!("gen:64".parse(), generator(64, None, None));
+        assert_eq!(
+            "gen:1518,rate=1000".parse(),
+            generator(1518, Some(1000), None)
+        );
+        assert_eq!(
+            "gen:60,count=5,rate=7".parse(),
+            generator(60, Some(7), Some(5))
+        );
+        for spec in ["gen:64", "gen:1518,rate=1000", "gen:9018,rate=1,count=2"] {
+            assert_eq!(spec.parse::<PortSpec>().unwrap().to_string(), spec);
+        }
+        for (spec, says) in [
+            ("gen:", "frame size: expected 60 to 9018 bytes, got \"\""),
+            ("gen:59", "got \"59\""),
+            ("gen:9019", "got \"9019\""),
+            (
+                "gen:64,rate=0",
+                "rate: expected a whole number above 0, got \"0\"",
+            ),
+            ("gen:64,count=x", "count: expected a whole number above 0"),
+            (
+                "gen:64,rate",
+                "rate: expected a whole number above 0, got \"\"",
+            ),
+            (
+                "gen:64,burst=3",
+                "option: expected rate=FPS or count=N, got \"burst=3\"",
+            ),
+            ("gen:64,rate=1,rate=2", "option rate given twice"),
+        ] {
+            let message = spec.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(message.starts_with("port: gen "), "{spec}: {message}");
+            assert!(message.contains(says), "{spec}: {message}");
+        }
+    }
 
     #[test]
     fn parses_ports() {

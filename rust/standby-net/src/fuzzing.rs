@@ -80,7 +80,7 @@ pub fn walk_rings(data: &[u8]) {
     let mut pair = QueuePair::new(0, port, Arc::new(DeviceCounters::new(2)));
     let guard = mem.memory();
     for _ in 0..2 {
-        pair.pump(&rx, &tx, &guard, link);
+        pair.pump(&rx, &tx, &guard, link, false);
     }
 }
 

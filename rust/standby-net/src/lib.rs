@@ -43,7 +43,7 @@ pub mod virtio_net;
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use config::{BackendConfig, ConfigError, MacAddr, PortSpec, MAX_QUEUE_PAIRS};
+pub use config::{BackendConfig, ConfigError, GenSpec, MacAddr, PortSpec, MAX_QUEUE_PAIRS};
 pub use dirty_log::DirtyLog;
 pub use frontend_gate::Deadlines;
 pub use port::{OpenPortError, OpenTapError};

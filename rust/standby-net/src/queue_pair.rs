@@ -649,15 +649,20 @@ impl QueuePair {
     }
 
     /// Move frames both ways until nothing moves. Called for every kick and every
-    /// port wake-up: a pass over an idle queue costs one read of its avail index.
+    /// port wake-up (`port_woke`): a pass over an idle queue costs one read of its
+    /// avail index.
     pub fn pump(
         &mut self,
         rx_vring: &Vring,
         tx_vring: &Vring,
         mem: &GuestMemory,
         link: LinkParams,
+        port_woke: bool,
     ) {
         let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        if port_woke {
+            port.woken();
+        }
         loop {
             let tx = match self.tx.process(tx_vring, mem, port.as_mut(), link) {
                 Ok(progress) => progress,

@@ -153,7 +153,7 @@ impl Server {
     /// Check the configuration and open the host ports; nothing listens yet.
     pub fn new(config: BackendConfig) -> Result<Self, ServerError> {
         config.validate()?;
-        let opened = open_ports(&config.port, config.queue_pairs)?;
+        let opened = open_ports(&config.port, config.queue_pairs, config.mac)?;
         let multi_queue = config.queue_pairs > 1;
         let mut features = BASE_FEATURES | opened.offload_features;
         if multi_queue {

@@ -355,11 +355,13 @@ impl VhostUserBackend for VhostUserNet {
         }
         // Whatever woke us, the same pass serves both directions.
         let mem = self.mem.memory();
+        let port_woke = device_event == port_event(VhostUserNet::num_queues(self));
         pair.lock().unwrap_or_else(|e| e.into_inner()).pump(
             rx_vring,
             tx_vring,
             &mem,
             self.link_params(),
+            port_woke,
         );
         self.check_faults();
         Ok(())

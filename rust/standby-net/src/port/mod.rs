@@ -4,6 +4,7 @@
 //! is connected, and kept by the server across connections (a TAP must not vanish
 //! because QEMU restarted).
 
+mod generator;
 mod loopback;
 mod null;
 mod open_tap;
@@ -18,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
-use crate::config::PortSpec;
+use crate::config::{MacAddr, PortSpec};
 use crate::steering::HostSide;
 use crate::virtio_net::OFFLOAD_FEATURES;
 use crate::GuestMemory;
 
+pub use generator::GenPort;
 pub use loopback::LoopPort;
 pub use null::NullPort;
 pub use open_tap::{open_tap_queues, OpenTapError};
@@ -69,6 +71,10 @@ pub trait Port: Send {
     /// watched edge-triggered; `None` for ports fed only by `transmit`.
     fn rx_fd(&self) -> Option<RawFd>;
 
+    /// `rx_fd` woke the worker (a port whose descriptor must be read to signal again
+    /// reads it here).
+    fn woken(&mut self) {}
+
     /// Header length and offloads the guest acked.
     fn configure(&mut self, vnet_hdr_len: usize, acked_features: u64) -> io::Result<()>;
 
@@ -84,6 +90,8 @@ pub type SharedPort = Arc<Mutex<Box<dyn Port>>>;
 pub enum OpenPortError {
     #[error(transparent)]
     Tap(#[from] OpenTapError),
+    #[error("gen port: cannot create its timer: {0}")]
+    GenTimer(io::Error),
 }
 
 /// The ports of a device, and the virtio features they can support.
@@ -96,8 +104,12 @@ pub struct OpenPorts {
     pub host_side: Option<HostSide>,
 }
 
-/// Open one port per queue pair.
-pub fn open_ports(spec: &PortSpec, queue_pairs: u16) -> Result<OpenPorts, OpenPortError> {
+/// Open one port per queue pair; `guest_mac` is where generated frames go.
+pub fn open_ports(
+    spec: &PortSpec,
+    queue_pairs: u16,
+    guest_mac: MacAddr,
+) -> Result<OpenPorts, OpenPortError> {
     match spec {
         PortSpec::Null => Ok(OpenPorts {
             ports: (0..queue_pairs)
@@ -110,6 +122,14 @@ pub fn open_ports(spec: &PortSpec, queue_pairs: u16) -> Result<OpenPorts, OpenPo
             ports: (0..queue_pairs)
                 .map(|_| Box::<LoopPort>::default() as Box<dyn Port>)
                 .collect(),
+            offload_features: 0,
+            host_side: None,
+        }),
+        PortSpec::Gen(spec) => Ok(OpenPorts {
+            ports: (0..queue_pairs)
+                .map(|_| Ok(Box::new(GenPort::new(*spec, guest_mac)?) as Box<dyn Port>))
+                .collect::<io::Result<_>>()
+                .map_err(OpenPortError::GenTimer)?,
             offload_features: 0,
             host_side: None,
         }),

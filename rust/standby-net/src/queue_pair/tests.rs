@@ -152,7 +152,7 @@ impl Rig {
 
     fn pump(&mut self, link: LinkParams) {
         let guard = self.mem.memory();
-        self.pair.pump(&self.rx, &self.tx, &guard, link);
+        self.pair.pump(&self.rx, &self.tx, &guard, link, false);
     }
 
     /// `(head, len)` of every used entry of the ring at `ring`.
