@@ -137,6 +137,7 @@ def run_frontend(
     seconds: float,
     sample: Callable[[], None] = lambda: None,
     warmup: float = 2.0,
+    in_order: int = 1,
 ) -> float:
     """Drive the load and return the rate. ``sample`` runs three times: connected but
     idle, at the start and at the end of the measurement window."""
@@ -149,7 +150,8 @@ def run_frontend(
     else:
         app = ["--forward-mode=mac", "--nb-cores=1"]
         start, field = "start tx_first 32", "RX-packets"
-    with Testpmd(binary, [virtio_user_vdev(str(socket))], app, lcores=FRONTEND_LCORES) as pmd:
+    vdev = virtio_user_vdev(str(socket), in_order=in_order)
+    with Testpmd(binary, [vdev], app, lcores=FRONTEND_LCORES) as pmd:
         time.sleep(1)
         sample()
         pmd.cmd(start)
@@ -166,7 +168,9 @@ SCENARIOS = (
 )
 
 
-def bench(binary: str, seconds: float, rounds: int, warmup: float = 2.0) -> list[Result]:
+def bench(
+    binary: str, seconds: float, rounds: int, warmup: float = 2.0, in_order: int = 1
+) -> list[Result]:
     """Every scenario ``rounds`` times, alternating the two backends."""
     results = []
     workdir = Path(tempfile.mkdtemp(prefix="fbb-", dir="/tmp"))
@@ -180,26 +184,33 @@ def bench(binary: str, seconds: float, rounds: int, warmup: float = 2.0) -> list
                     def sample_rss(pid: int = proc.pid, into: list[int] = rss) -> None:
                         into.append(rss_kib(pid))
 
-                    mpps = run_frontend(binary, socket, scenario, seconds, sample_rss, warmup)
+                    mpps = run_frontend(
+                        binary, socket, scenario, seconds, sample_rss, warmup, in_order
+                    )
                     results.append(Result(scenario, "standby", mpps, *rss))
                 socket = workdir / f"{scenario}-{round_no}-dpdk.sock"
                 with dpdk_vhost(binary, socket, dpdk_mode):
-                    mpps = run_frontend(binary, socket, scenario, seconds, warmup=warmup)
+                    mpps = run_frontend(
+                        binary, socket, scenario, seconds, warmup=warmup, in_order=in_order
+                    )
                     results.append(Result(scenario, "dpdk-vhost", mpps))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
 
 
-def report(results: list[Result], seconds: float, rounds: int, warmup: float = 2.0) -> str:
+def report(
+    results: list[Result], seconds: float, rounds: int, warmup: float = 2.0, in_order: int = 1
+) -> str:
     lines = [
         f"# vhost-user throughput, {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()};"
         f" {rounds} round(s) of {seconds:g} s windows after {warmup:g} s warm-up, backends"
-        " alternating; 64-byte frames, 1 queue pair. Median (min-max) in Mpps. Where the"
-        " two ranges overlap, the run cannot tell the backends apart.",
+        f" alternating; 64-byte frames, 1 queue pair, virtio-user in_order={in_order}."
+        " Median (min-max) in Mpps. Where the two ranges overlap, the run cannot tell"
+        " the backends apart.",
         "",
         "| scenario | standby | DPDK vhost PMD | ratio of medians | ranges overlap |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -238,14 +249,21 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each scenario")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before each window")
+    parser.add_argument(
+        "--in-order",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="virtio-user's in_order devarg (1, its default: both backends grant it)",
+    )
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()
     binary = shutil.which("dpdk-testpmd")
     if binary is None:
         print("dpdk-testpmd not found (apt-get install dpdk-dev)", file=sys.stderr)
         return 1
-    results = bench(binary, args.seconds, args.rounds, args.warmup)
-    text = report(results, args.seconds, args.rounds, args.warmup)
+    results = bench(binary, args.seconds, args.rounds, args.warmup, args.in_order)
+    text = report(results, args.seconds, args.rounds, args.warmup, args.in_order)
     print(text)
     if args.report:
         args.report.write_text(text)

@@ -52,6 +52,8 @@ def test_negotiated_features_are_what_both_sides_offered(
     assert acked & ~offered == 0
     names = backend.features.acked_names
     assert {"VERSION_1", "MRG_RXBUF", "RING_INDIRECT_DESC", "PROTOCOL_FEATURES"} <= set(names)
+    # virtio-user asks for in-order use by default, as DPDK's vhost PMD grants it.
+    assert "IN_ORDER" in names
     # Dirty logging is a migration thing: acked only while QEMU migrates.
     assert "LOG_ALL" not in names
     assert offered & _native.F_LOG_ALL
@@ -83,14 +85,17 @@ def test_null_port_counts_every_frame_the_guest_sends(
     assert (stats.rx_packets, stats.drops, stats.errors) == (0, 0, 0)
 
 
-@pytest.mark.parametrize("queue_size", [256, 1024])
-@pytest.mark.parametrize("mrg_rxbuf", [0, 1])
+@pytest.mark.parametrize(
+    ("queue_size", "mrg_rxbuf", "in_order"),
+    [(256, 0, 1), (256, 1, 1), (1024, 0, 1), (1024, 1, 1), (256, 1, 0), (1024, 0, 0)],
+)
 def test_loop_port_returns_every_frame_unchanged(
     testpmd_binary: str,
     make_backend: BackendFactory,
     sockdir: Path,
     mrg_rxbuf: int,
     queue_size: int,
+    in_order: int,
 ) -> None:
     frames = numbered_frames(700, (64, 1518, 590))
     sent_pcap, returned_pcap = sockdir / "sent.pcap", sockdir / "returned.pcap"
@@ -98,7 +103,9 @@ def test_loop_port_returns_every_frame_unchanged(
     backend = make_backend(port="loop")
     vdevs = [
         f"net_pcap0,rx_pcap={sent_pcap},tx_pcap={returned_pcap}",
-        virtio_user_vdev(backend.socket_path, queue_size=queue_size, mrg_rxbuf=mrg_rxbuf),
+        virtio_user_vdev(
+            backend.socket_path, queue_size=queue_size, mrg_rxbuf=mrg_rxbuf, in_order=in_order
+        ),
     ]
     # io forwarding between the pcap port and virtio-user; "retry" makes testpmd wait
     # for ring space instead of dropping, so every frame makes the round trip.
@@ -106,6 +113,7 @@ def test_loop_port_returns_every_frame_unchanged(
     with Testpmd(testpmd_binary, vdevs, app) as pmd:
         acked = wait_negotiated(backend)
         assert bool(acked & _native.F_MRG_RXBUF) == bool(mrg_rxbuf)
+        assert ("IN_ORDER" in _native.feature_names(acked)) == bool(in_order)
         pmd.cmd("set fwd io retry")
         pmd.cmd("set burst tx delay 100 retry 10000")
         pmd.cmd("start")

@@ -397,3 +397,25 @@ fn looped_frames_wait_in_order_until_the_guest_posts_buffers() {
         [stats(0, 6, 360, 0, 0), stats(1, 6, 360, 0, 0)]
     );
 }
+
+/// VIRTIO_F_IN_ORDER is offered because used entries always follow the order the
+/// chains were made available: through bad chains, and frames waiting for buffers.
+#[test]
+fn used_entries_follow_the_available_order_across_errors_and_waits() {
+    let mut rig = Rig::new(Box::<LoopPort>::default());
+    let (a, b) = (hdr_and_frame(100, 1), hdr_and_frame(60, 2));
+    rig.send(&[(0x2_0000, 12, false), (0x2_1000, 100, false)], &a); // head 0
+    rig.send(&[(0x2_2000, 72, true)], &[]); // head 2: writable, refused
+    rig.send(&[(0x2_3000, 12, false), (0x2_4000, 60, false)], &b); // head 3
+    rig.post_rx(&[(0x4_0000, 2048, false)]); // head 0: read-only, refused
+    rig.post_rx(&[(0x4_1000, 50, true)]); // head 1: too small alone
+    rig.pump(MERGEABLE);
+    assert_eq!(rig.used(TX_RING), [(0, 0), (2, 0), (3, 0)]);
+    assert_eq!(rig.used(RX_RING), [(0, 0)], "the small buffer waits");
+
+    rig.post_rx(&[(0x4_2000, 2048, true)]); // head 2
+    rig.post_rx(&[(0x4_3000, 2048, true)]); // head 3
+    rig.pump(MERGEABLE);
+    assert_eq!(rig.used(RX_RING), [(0, 0), (1, 50), (2, 62), (3, 72)]);
+    assert_eq!(rig.stats()[0], stats(0, 2, 160, 0, 1));
+}
