@@ -4,7 +4,6 @@
 //! the GIL, so the datapath threads, which may log through Python, never wait on
 //! a thread that holds it.
 
-use std::error::Error as StdError;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
@@ -32,14 +31,7 @@ fn to_py_err(err: ServerError) -> PyErr {
         // "field: what is wrong", so Python can name the field.
         return PyValueError::new_err(config.to_string());
     }
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    BackendError::new_err(message)
+    BackendError::new_err(standby_net::describe_chain(&err))
 }
 
 fn config_err(err: standby_net::ConfigError) -> PyErr {

@@ -65,7 +65,7 @@ pub(crate) enum ConnectionError {
 }
 
 /// An error and its causes, one line, for the event log and the operator.
-pub(crate) fn describe_chain(err: &dyn StdError) -> String {
+pub fn describe_chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -222,17 +222,7 @@ fn newcomer_while_busy(listener: &UnixListener, frontend: &UnixStream, done: &Ev
             revents: 0,
         },
     ];
-    loop {
-        // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return false;
-        }
-        return fds[0].revents == 0 && fds[1].revents == 0 && fds[2].revents != 0;
-    }
+    poll(&mut fds, -1).is_ok() && fds[0].revents == 0 && fds[1].revents == 0 && fds[2].revents != 0
 }
 
 impl Drop for RefuseWhileBusy {
@@ -415,15 +405,7 @@ fn wait_readable(fd: RawFd, stop: &EventFd) -> io::Result<bool> {
         },
     ];
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
+        poll(&mut fds, -1)?;
         if fds[1].revents != 0 {
             return Ok(false);
         }
@@ -435,12 +417,25 @@ fn wait_readable(fd: RawFd, stop: &EventFd) -> io::Result<bool> {
 
 /// Sleep up to `timeout`; `true` if the stop event fired.
 fn wait_stop(stop: &EventFd, timeout: Duration) -> bool {
-    let mut fd = libc::pollfd {
+    let mut fds = [libc::pollfd {
         fd: stop.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ret = unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
-    ret > 0
+    }];
+    matches!(poll(&mut fds, timeout.as_millis() as libc::c_int), Ok(n) if n > 0)
+}
+
+/// `poll(2)` on `fds`, retried when a signal interrupts it; the number of ready fds.
+fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<libc::c_int> {
+    loop {
+        // SAFETY: `fds` is a valid slice of pollfd for the duration of the call.
+        let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if ret >= 0 {
+            return Ok(ret);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }

@@ -75,22 +75,20 @@ extern "C" fn on_sigbus(
     }
     // Not guest memory: whoever handled SIGBUS before us, else the default action
     // when the faulting access runs again.
-    if let Some(previous) = PREVIOUS.get() {
+    if let Some(previous) = PREVIOUS.get().filter(|p| p.sa_sigaction > libc::SIG_IGN) {
         let handler = previous.sa_sigaction;
-        if previous.sa_flags & libc::SA_SIGINFO != 0 && handler > libc::SIG_IGN {
+        if previous.sa_flags & libc::SA_SIGINFO != 0 {
             // SAFETY: the handler was installed for SIGBUS with SA_SIGINFO, so it takes
             // these three arguments; we pass on what the kernel gave us.
             let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
                 unsafe { std::mem::transmute(handler) };
             handler(signal, info, context);
-            return;
-        }
-        if previous.sa_flags & libc::SA_SIGINFO == 0 && handler > libc::SIG_IGN {
+        } else {
             // SAFETY: a plain handler installed for SIGBUS takes the signal number.
             let handler: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(handler) };
             handler(signal);
-            return;
         }
+        return;
     }
     // SAFETY: restoring the default disposition of SIGBUS from its own handler.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };

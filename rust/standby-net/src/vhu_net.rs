@@ -336,9 +336,8 @@ impl VhostUserBackend for VhostUserNet {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let known = device_event == RX_QUEUE_EVENT
-            || device_event == TX_QUEUE_EVENT
-            || device_event == port_event(VhostUserNet::num_queues(self));
+        let port_woke = device_event == port_event(VhostUserNet::num_queues(self));
+        let known = device_event == RX_QUEUE_EVENT || device_event == TX_QUEUE_EVENT || port_woke;
         let (Some(pair), [rx_vring, tx_vring]) = (self.pairs.get(thread_id), vrings) else {
             return Err(io::Error::other(format!(
                 "worker {thread_id} has no queue pair with {} vrings",
@@ -355,7 +354,6 @@ impl VhostUserBackend for VhostUserNet {
         }
         // Whatever woke us, the same pass serves both directions.
         let mem = self.mem.memory();
-        let port_woke = device_event == port_event(VhostUserNet::num_queues(self));
         pair.lock().unwrap_or_else(|e| e.into_inner()).pump(
             rx_vring,
             tx_vring,
