@@ -18,10 +18,10 @@ import pytest
 from conftest import run
 from continuity import analyse, assert_bounded
 from failover_backend.errors import MigrationError
-from failover_backend.lab.scenario import Lab, LabVM
+from failover_backend.lab.scenario import Lab
 from failover_backend.lab.traffic import HostPinger
-from failover_backend.migration import Migration, MigrationOptions, MigrationReport
 from guest import netdevs, wait_primary_enslaved
+from lab_migration import migrate
 from runproc import start_run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
@@ -50,16 +50,6 @@ def test_a_stock_guest_loses_nothing_without_migration() -> None:
             assert steering.held_back > 0, steering
 
     run(scenario(), timeout=300)
-
-
-async def migrate(lab: Lab, source: LabVM, target: LabVM) -> MigrationReport:
-    return await Migration(
-        source.qmp,
-        target.qmp,
-        f"unix:{lab.workdir}/migration-{source.name}.sock",
-        MigrationOptions(),
-        timeline=lab.timeline,
-    ).run()
 
 
 async def pinged(lab: Lab, *addresses: str) -> list[HostPinger]:

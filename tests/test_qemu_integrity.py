@@ -26,8 +26,8 @@ import pytest
 
 from conftest import run
 from failover_backend.lab.scenario import Lab
-from failover_backend.migration import Migration, MigrationOptions
 from guest import wait_primary_enslaved
+from lab_migration import migrate
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
 
@@ -78,13 +78,7 @@ def test_datagrams_through_the_standby_arrive_intact_after_the_migration() -> No
             await asyncio.sleep(1)
             assert source.backend is not None
             before = source.backend.stats().rx_packets
-            report = await Migration(
-                source.qmp,
-                target.qmp,
-                f"unix:{lab.workdir}/migration.sock",
-                MigrationOptions(),
-                timeline=lab.timeline,
-            ).run()
+            report = await migrate(lab, source, target)
             assert report.completed, report.summary()
             # The standby carried the stream while the migration copied memory.
             carried = source.backend.stats().rx_packets - before

@@ -29,10 +29,10 @@ from failover_backend.lab.traffic import (
     start_pinging,
     stop_pinging,
 )
-from failover_backend.migration import Migration, MigrationOptions
 from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
 from guest import netdevs, wait_primary_enslaved
+from lab_migration import migration
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
 
@@ -48,17 +48,6 @@ async def booted_pair(lab: Lab, **machine: Any) -> tuple[LabVM, LabVM]:
         await src.console.check("echo 1 > /sys/bus/pci/rescan")
     await wait_primary_enslaved(src.console)
     return src, dst
-
-
-def migration(lab: Lab, src: LabVM, dst: LabVM, **options: Any) -> Migration:
-    """The lab's controllers steer each side, as ``run`` would."""
-    return Migration(
-        src.qmp,
-        dst.qmp,
-        f"unix:{lab.workdir}/migration.sock",
-        MigrationOptions(**options),
-        timeline=lab.timeline,
-    )
 
 
 async def kill_when_active(source: LabVM, victim: LabVM, since: int) -> None:

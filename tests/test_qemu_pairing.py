@@ -17,12 +17,12 @@ from conftest import run
 from failover_backend.controller import FailoverController
 from failover_backend.errors import MonitorCommandError, NegotiationTimeout, PairingError
 from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
-from failover_backend.migration import Migration, MigrationOptions, MigrationReport
 from failover_backend.negotiation import guest_features, wait_negotiated
 from failover_backend.pairing import PrimaryConfig, check_pairing, failover_pairs
 from failover_backend.primary import Primary
 from failover_backend.standby import attach_standby, detach_standby
 from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved, wait_primary_gone
+from lab_migration import migrate
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
 
@@ -233,16 +233,6 @@ def test_pairing_errors_are_reported_by_rule_before_qemu_sees_them() -> None:
             assert missing[0].rule == "standby-exists"
 
     run(scenario())
-
-
-async def migrate(lab: Lab, source: LabVM, target: LabVM) -> MigrationReport:
-    return await Migration(
-        source.qmp,
-        target.qmp,
-        f"unix:{lab.workdir}/migration.sock",
-        MigrationOptions(),
-        timeline=lab.timeline,
-    ).run()
 
 
 def migration_states(vm: LabVM) -> list[str]:

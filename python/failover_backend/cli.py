@@ -15,9 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import _native
 from .backend import StandbyBackend
-from .config import load_config
+from .config import load_config, parse_port
 from .errors import ConfigError, FailoverError
 from .remote import MigrateArgs, cancel_command, migrate_command, status_command
 from .run import run_vm
@@ -28,9 +27,9 @@ _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 def _port(value: str) -> str:
     try:
-        return _native.parse_port(value)
+        return parse_port(value)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("port: ")) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mac(value: str) -> str:

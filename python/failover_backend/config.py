@@ -175,15 +175,24 @@ def _table(source: Path, data: dict[str, Any], name: str, required: bool) -> dic
     return table
 
 
+def parse_port(spec: str) -> str:
+    """The host port ``spec`` in its canonical spelling. ``ValueError`` when it is not
+    one, with the core's rule and words, without its own field prefix (callers name
+    the field as the user wrote it)."""
+    try:
+        return _native.parse_port(spec)
+    except ValueError as e:
+        raise ValueError(str(e).removeprefix("port: ")) from None
+
+
 def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection:
     b = _Reader(source, table, prefix)
     socket = Path(b.get("socket", str, example='"/run/failover-backend/vm1.sock"'))
     port = b.get("port", str, "null")
     try:
-        port = _native.parse_port(port)
+        port = parse_port(port)
     except ValueError as e:
-        # The core's rule and words, without its own field prefix.
-        raise b.error("port", str(e).removeprefix("port: ")) from None
+        raise b.error("port", str(e)) from None
     mac = b.get("mac", str, example='"52:54:00:12:34:56"')
     if not _MAC.match(mac) or int(mac[:2], 16) & 1:
         raise b.error("mac", f"expected a unicast MAC like 52:54:00:12:34:56, got {mac!r}")
