@@ -7,11 +7,11 @@
 //! * the crate keeps marking after the frontend clears VHOST_F_LOG_ALL (the end of a
 //!   migration, or a cancelled one). [`DirtyLog`] carries a switch that the device
 //!   flips from the acked features, so marking stops when logging is turned off;
-//! * writes made through raw pointers are not marked by vm-memory. This device
-//!   never writes guest memory that way: every receive path copies through
-//!   `Bytes::write_slice`/`write_obj`/`store`, so payload, vnet header and used
-//!   ring are all marked. The tests in `tests/dirty_log.rs` check each of them
-//!   over a real vhost-user connection.
+//! * writes made through raw pointers are not marked by vm-memory. The datapath
+//!   writes guest memory through the host pointers of `guest_ring`, which marks
+//!   each write in its region's log itself: payload, vnet header, used elements,
+//!   used index and notification fields. The tests in `tests/dirty_log.rs` check
+//!   each of them over a real vhost-user connection.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -6,8 +6,9 @@
 //! the host side when the standby path becomes the active one.
 //!
 //! Built on rust-vmm: `vhost` parses the protocol, `vhost-user-backend` runs the
-//! connection and the vring workers, `virtio-queue` walks descriptor chains and
-//! `vm-memory` maps and logs guest memory.
+//! connection and the vring workers, `virtio-queue` holds each ring's addresses and
+//! indices, and `vm-memory` maps and logs guest memory. The per-frame path walks the
+//! rings through checked host pointers (`guest_ring`), which is where the speed is.
 //!
 //! ```no_run
 //! use standby_net::{BackendConfig, PortSpec, Server};
@@ -29,6 +30,7 @@ mod frontend_memory;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+mod guest_ring;
 mod port;
 mod public_socket;
 mod queue_pair;

@@ -1,73 +1,61 @@
 //! One queue pair's datapath: the guest's transmit queue into the port, and the
 //! port into the guest's receive queue.
 //!
-//! Descriptor chains are walked with `virtio-queue`; completions go through
-//! [`UsedRing`] in batches. Guest memory is only read and written through vm-memory,
-//! so every write is range-checked and dirty-logged. Nothing here allocates per
-//! frame: segment lists live in the worker and are reused.
+//! Descriptor chains are walked and buffers copied through [`crate::guest_ring`]
+//! (checked host pointers, translated once per memory table); completions go through
+//! [`UsedRing`] in batches. Every write is range-checked and dirty-logged. Nothing
+//! here allocates per frame: piece lists live in the worker and are reused.
 
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vhost_user_backend::{VringState, VringT};
-use virtio_queue::{AvailIter, DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard};
 
+use crate::guest_ring::{
+    walk_chain, ChainError, ChainRules, MappedMemory, Piece, RingLayout, RingPlacement,
+    RingPlacementError, RingView,
+};
 use crate::port::{GuestFrame, Port, SharedPort, TxOutcome};
 use crate::stats::{CounterDelta, DeviceCounters};
 use crate::used_ring::{UsedRing, PUBLISH_EVERY};
 use crate::virtio_net::{MAX_HDR_AND_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::{GuestMemory, Vring};
 
-/// Longest descriptor chain accepted (the largest ring a frontend may pick).
+/// Most buffers (descriptors, or their pieces where one crosses memory regions) in
+/// a transmit chain, and in all the receive chains of one frame.
 const MAX_CHAIN_SEGMENTS: usize = 1024;
 /// Destination, source, EtherType: a frame shorter than this is no frame.
 const ETH_HEADER_LEN: usize = 14;
 /// Completions held before publishing: a batch, plus the buffers of one merged frame.
 const USED_BATCH_CAPACITY: usize = PUBLISH_EVERY + MAX_CHAIN_SEGMENTS;
 
-/// Why one descriptor chain was refused. The chain is completed with length 0 so
-/// the guest does not see a descriptor leak; the queue goes on.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum ChainError {
-    #[error("descriptor {addr:#x}+{len:#x} lies outside guest memory")]
-    OutsideGuestMemory { addr: u64, len: u32 },
-    #[error("device-writable descriptor in a transmit chain")]
-    WritableInTransmitChain,
-    #[error("device-readable descriptor in a receive chain")]
-    ReadableInReceiveChain,
-    #[error("chain of {0} bytes cannot hold the virtio-net header")]
-    ShorterThanHeader(usize),
-    #[error("chain of more than {max} bytes", max = MAX_HDR_AND_FRAME_LEN)]
-    LongerThanMaxFrame,
-    #[error("chain of more than {MAX_CHAIN_SEGMENTS} descriptors")]
-    TooManyDescriptors,
-    #[error("chain does not end within the ring (it loops, or a next index lies past the ring)")]
-    Unterminated,
-    #[error("frame of {0} bytes is shorter than an Ethernet header")]
-    ShorterThanEthernetHeader(usize),
-}
+const TX_CHAINS: ChainRules = ChainRules {
+    device_writes: false,
+    max_bytes: MAX_HDR_AND_FRAME_LEN,
+    max_pieces: MAX_CHAIN_SEGMENTS,
+};
 
 /// The ring itself is unusable: nothing moves on this queue until the frontend sets
-/// it up again. (Logged with the queue's number in front.)
+/// it up again (or maps memory where it lies). (Logged with the queue's number in front.)
 #[derive(Debug, Error)]
 pub enum QueueError {
-    #[error("descriptor table or rings lie outside guest memory; the queue stays idle until it is set up again")]
-    RingOutsideGuestMemory { queue: u16 },
-    #[error("ring access failed: {source}")]
-    RingAccess {
+    #[error("{source}; the queue stays idle until it is set up again")]
+    RingPlacement {
         queue: u16,
-        source: virtio_queue::Error,
+        source: RingPlacementError,
     },
+    #[error("available index {avail} is more than a ring ahead of the device's {next}")]
+    AvailIndexAhead { queue: u16, avail: u16, next: u16 },
 }
 
 impl QueueError {
     pub fn queue(&self) -> u16 {
         match self {
-            Self::RingOutsideGuestMemory { queue } | Self::RingAccess { queue, .. } => *queue,
+            Self::RingPlacement { queue, .. } | Self::AvailIndexAhead { queue, .. } => *queue,
         }
     }
 }
@@ -132,97 +120,130 @@ pub struct LinkParams {
     pub mergeable_rx: bool,
 }
 
-fn ring_error(queue: u16) -> impl Fn(virtio_queue::Error) -> QueueError + Copy {
-    move |source| QueueError::RingAccess { queue, source }
+fn layout_of(queue: &Queue) -> RingLayout {
+    RingLayout {
+        desc_table: queue.desc_table(),
+        avail_ring: queue.avail_ring(),
+        used_ring: queue.used_ring(),
+        size: queue.size(),
+    }
 }
 
-/// Where a queue's rings lie: a queue refused once is not looked at again until the
-/// frontend sets it up differently.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct RingLayout {
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-    size: u16,
+/// One queue's ring, placed on the current memory table. A ring refused once is not
+/// looked at again until the frontend sets it up differently or maps new memory, so
+/// a guest that keeps kicking a bad ring costs nothing and floods no log.
+#[derive(Default)]
+struct PlacedRing {
+    /// The layout and memory table `placement` was made for.
+    key: Option<(RingLayout, u64)>,
+    /// `None`: refused.
+    placement: Option<RingPlacement>,
+    /// The layout whose start was checked against the used ring.
+    synced: Option<RingLayout>,
 }
 
-impl RingLayout {
-    fn of(queue: &Queue) -> Self {
-        Self {
-            desc_table: queue.desc_table(),
-            avail_ring: queue.avail_ring(),
-            used_ring: queue.used_ring(),
-            size: queue.size(),
+impl PlacedRing {
+    /// The ring for this pass; `Ok(None)` for a ring refused before.
+    fn view<'m>(
+        &mut self,
+        index: u16,
+        queue: &mut Queue,
+        mem: &'m MappedMemory,
+    ) -> Result<Option<RingView<'m>>, QueueError> {
+        let layout = layout_of(queue);
+        let key = (layout, mem.generation());
+        if self.key != Some(key) {
+            self.key = Some(key);
+            self.placement = None;
+            let placement =
+                mem.place_ring(&layout)
+                    .map_err(|source| QueueError::RingPlacement {
+                        queue: index,
+                        source,
+                    })?;
+            self.placement = Some(placement);
         }
-    }
-
-    /// Descriptor table, available and used rings (with their event index fields)
-    /// lie in guest memory. (virtio-queue's own `is_valid` logs an error on every
-    /// call, so a guest could flood the log by kicking a bad queue.)
-    fn in_memory(&self, mem: &GuestMemory) -> bool {
-        let size = usize::from(self.size);
-        mem.check_range(GuestAddress(self.desc_table), 16 * size)
-            && mem.check_range(GuestAddress(self.avail_ring), 6 + 2 * size)
-            && mem.check_range(GuestAddress(self.used_ring), 6 + 8 * size)
-    }
-}
-
-/// The vring's queue, once its rings are checked to lie in guest memory; `None` for
-/// a queue already refused and not set up again since.
-fn valid_queue<'s>(
-    state: &'s mut VringState<GuestMemoryAtomic<GuestMemory>>,
-    mem: &GuestMemory,
-    queue: u16,
-    refused: &mut Option<RingLayout>,
-) -> Result<Option<&'s mut Queue>, QueueError> {
-    let ring = state.get_queue_mut();
-    let layout = RingLayout::of(ring);
-    if *refused == Some(layout) {
-        return Ok(None);
-    }
-    if layout.in_memory(mem) {
-        *refused = None;
+        let Some(ring) = self.placement.as_ref().and_then(|p| mem.ring(p)) else {
+            return Ok(None);
+        };
+        self.sync_with_used_ring(index, queue, &ring, layout);
         Ok(Some(ring))
-    } else {
-        *refused = Some(layout);
-        Err(QueueError::RingOutsideGuestMemory { queue })
+    }
+
+    /// Start a ring where its used index says, once per connection and ring layout.
+    ///
+    /// A frontend sets the ring base (the next chain to process) with SET_VRING_BASE.
+    /// QEMU sets it to where the last connection stopped, which is the used index that
+    /// connection left in guest memory: this device completes every chain it takes
+    /// before it returns. A frontend that reconnects may set it to 0 while its ring
+    /// runs on (DPDK's virtio-user in server mode does): the chains between 0 and the
+    /// used index would then be processed twice (frames sent again, stale buffers
+    /// filled again). The used index is the truth; start from there.
+    fn sync_with_used_ring(
+        &mut self,
+        index: u16,
+        queue: &mut Queue,
+        ring: &RingView<'_>,
+        layout: RingLayout,
+    ) {
+        if self.synced == Some(layout) {
+            return;
+        }
+        let used = ring.used_idx();
+        if used.0 != queue.next_avail() {
+            log::info!(
+                "virtqueue {index}: ring base {} differs from the used index {} in guest memory; \
+                 resuming from the used index",
+                queue.next_avail(),
+                used.0
+            );
+            queue.set_next_avail(used.0);
+            queue.set_next_used(used.0);
+        }
+        self.synced = Some(layout);
     }
 }
 
-/// Start a ring where its used index says, once per connection and ring layout.
-///
-/// A frontend sets the ring base (the next chain to process) with SET_VRING_BASE.
-/// QEMU sets it to where the last connection stopped, which is the used index that
-/// connection left in guest memory: this device completes every chain it takes
-/// before it returns. A frontend that reconnects may set it to 0 while its ring runs
-/// on (DPDK's virtio-user in server mode does): the chains between 0 and the used
-/// index would then be processed twice (frames sent again, stale buffers filled
-/// again). The used index is the truth; start from there.
-fn sync_with_used_ring(
-    queue: &mut Queue,
-    mem: &GuestMemory,
-    index: u16,
-    synced: &mut Option<RingLayout>,
-) -> Result<(), QueueError> {
-    let layout = RingLayout::of(queue);
-    if *synced == Some(layout) {
-        return Ok(());
+/// The available entries not yet taken in this pass.
+struct AvailCursor {
+    next: Wrapping<u16>,
+    avail: Wrapping<u16>,
+}
+
+impl AvailCursor {
+    fn new(queue: &Queue) -> Self {
+        let next = Wrapping(queue.next_avail());
+        Self { next, avail: next }
     }
-    let used = queue
-        .used_idx(mem, Ordering::Acquire)
-        .map_err(ring_error(index))?;
-    if used.0 != queue.next_avail() {
-        log::info!(
-            "virtqueue {index}: ring base {} differs from the used index {} in guest memory; \
-             resuming from the used index",
-            queue.next_avail(),
-            used.0
-        );
-        queue.set_next_avail(used.0);
-        queue.set_next_used(used.0);
+
+    /// Read the driver's index again; a driver cannot make more than a ring available.
+    fn refresh(&mut self, ring: &RingView<'_>, queue: u16) -> Result<(), QueueError> {
+        let avail = ring.avail_idx();
+        if (avail - self.next).0 > ring.size() {
+            return Err(QueueError::AvailIndexAhead {
+                queue,
+                avail: avail.0,
+                next: self.next.0,
+            });
+        }
+        self.avail = avail;
+        Ok(())
     }
-    *synced = Some(layout);
-    Ok(())
+
+    /// Head of the next available chain.
+    fn take(&mut self, ring: &RingView<'_>) -> Option<u16> {
+        if self.next == self.avail {
+            return None;
+        }
+        let head = ring.avail_entry(self.next);
+        self.next += Wrapping(1);
+        Some(head)
+    }
+
+    /// Put the last `count` chains taken back.
+    fn give_back(&mut self, count: usize) {
+        self.next -= Wrapping(count as u16);
+    }
 }
 
 /// Interrupt the guest when the pass completed something it wants to hear about.
@@ -248,12 +269,21 @@ fn queue_usable(vring: &Vring) -> bool {
 pub struct TxVirtio {
     queue: u16,
     counters: Arc<DeviceCounters>,
-    segments: Vec<(GuestAddress, u32)>,
+    pieces: Vec<Piece>,
     used: UsedRing,
     errors: ErrorLog,
-    refused: Option<RingLayout>,
-    /// The ring layout whose start was checked against the used ring.
-    synced: Option<RingLayout>,
+    ring: PlacedRing,
+}
+
+/// Length checks of a transmit chain `len` bytes long.
+fn check_frame_len(len: usize, hdr_len: usize) -> Result<usize, ChainError> {
+    if len < hdr_len {
+        return Err(ChainError::ShorterThanHeader(len));
+    }
+    if len - hdr_len < ETH_HEADER_LEN {
+        return Err(ChainError::ShorterThanEthernetHeader(len - hdr_len));
+    }
+    Ok(len)
 }
 
 impl TxVirtio {
@@ -261,112 +291,65 @@ impl TxVirtio {
         Self {
             queue,
             counters,
-            segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            pieces: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
-            refused: None,
-            synced: None,
+            ring: PlacedRing::default(),
         }
-    }
-
-    /// Collect the readable descriptors of `chain`; returns the chain's length.
-    fn gather(
-        &mut self,
-        chain: DescriptorChain<&GuestMemory>,
-        mem: &GuestMemory,
-        hdr_len: usize,
-    ) -> Result<usize, ChainError> {
-        self.segments.clear();
-        let mut len = 0usize;
-        let mut ends = false;
-        for desc in chain {
-            ends = !desc.has_next();
-            if desc.is_write_only() {
-                return Err(ChainError::WritableInTransmitChain);
-            }
-            if self.segments.len() == MAX_CHAIN_SEGMENTS {
-                return Err(ChainError::TooManyDescriptors);
-            }
-            len += desc.len() as usize;
-            if len > MAX_HDR_AND_FRAME_LEN {
-                return Err(ChainError::LongerThanMaxFrame);
-            }
-            if !mem.check_range(desc.addr(), desc.len() as usize) {
-                return Err(ChainError::OutsideGuestMemory {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            }
-            self.segments.push((desc.addr(), desc.len()));
-        }
-        // The iterator stops quietly on a loop or a next index past the ring: the last
-        // descriptor it gave then still points further.
-        if !ends {
-            return Err(ChainError::Unterminated);
-        }
-        if len < hdr_len {
-            return Err(ChainError::ShorterThanHeader(len));
-        }
-        if len - hdr_len < ETH_HEADER_LEN {
-            return Err(ChainError::ShorterThanEthernetHeader(len - hdr_len));
-        }
-        Ok(len)
     }
 
     /// Hand every available frame to `port`, until the ring is empty or the port is busy.
     pub fn process(
         &mut self,
         vring: &Vring,
-        mem: &GuestMemory,
+        mem: &MappedMemory,
         port: &mut dyn Port,
         link: LinkParams,
     ) -> Result<TxProgress, QueueError> {
         if !queue_usable(vring) {
             return Ok(TxProgress::default());
         }
-        let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
+        let queue = state.get_queue_mut();
+        let Some(ring) = self.ring.view(self.queue, queue, mem)? else {
             return Ok(TxProgress::default());
         };
-        sync_with_used_ring(queue, mem, self.queue, &mut self.synced)?;
+        let event_idx = queue.event_idx_enabled();
+        let mut cursor = AvailCursor::new(queue);
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
         self.used.begin(queue);
+        ring.suppress_kicks(event_idx);
         // With EVENT_IDX the guest kicks only when it passes `avail_event`, so after
         // re-arming notifications look again: a frame added in between would
         // otherwise wait for the next kick.
-        loop {
-            queue.disable_notification(mem).map_err(ring_error)?;
-            let mut chains = queue.iter(mem).map_err(ring_error)?;
-            while let Some(chain) = chains.next() {
-                let head = chain.head_index();
-                match self.gather(chain, mem, link.vnet_hdr_len) {
-                    Ok(len) => {
-                        let frame = GuestFrame {
-                            mem,
-                            segments: &self.segments,
-                            len,
-                        };
-                        match port.transmit(&frame) {
-                            Ok(TxOutcome::Sent) => {
-                                delta.packets += 1;
-                                delta.bytes += (len - link.vnet_hdr_len) as u64;
-                            }
-                            Ok(TxOutcome::Dropped) => delta.drops += 1,
-                            Ok(TxOutcome::Filtered) => {}
-                            Ok(TxOutcome::Busy) => {
-                                // Leave the chain in the ring; it is offered again later.
-                                chains.go_to_previous_position();
-                                progress.blocked = true;
-                                break;
-                            }
-                            Err(e) => {
-                                delta.drops += 1;
-                                self.errors.error(self.queue, &format!("host port: {e}"));
-                            }
+        let result = loop {
+            if let Err(e) = cursor.refresh(&ring, self.queue) {
+                break Err(e);
+            }
+            while let Some(head) = cursor.take(&ring) {
+                self.pieces.clear();
+                match walk_chain(&ring, head, TX_CHAINS, &mut self.pieces)
+                    .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
+                {
+                    Ok(len) => match port.transmit(&GuestFrame::new(mem, &self.pieces, len)) {
+                        Ok(TxOutcome::Sent) => {
+                            delta.packets += 1;
+                            delta.bytes += (len - link.vnet_hdr_len) as u64;
                         }
-                    }
+                        Ok(TxOutcome::Dropped) => delta.drops += 1,
+                        Ok(TxOutcome::Filtered) => {}
+                        Ok(TxOutcome::Busy) => {
+                            // Leave the chain in the ring; it is offered again later.
+                            cursor.give_back(1);
+                            progress.blocked = true;
+                            break;
+                        }
+                        Err(e) => {
+                            delta.drops += 1;
+                            self.errors.error(self.queue, &format!("host port: {e}"));
+                        }
+                    },
                     Err(e) => {
                         delta.errors += 1;
                         self.errors.error(self.queue, &e);
@@ -374,21 +357,23 @@ impl TxVirtio {
                 }
                 // Transmit buffers are only read: completed with length 0.
                 self.used.push(head, 0);
-                self.used.publish_if_full(mem).map_err(ring_error)?;
+                self.used.publish_if_full(&ring);
             }
             if progress.blocked {
-                break;
+                break Ok(());
             }
-            self.used.publish(mem).map_err(ring_error)?;
-            if !queue.enable_notification(mem).map_err(ring_error)? {
-                break;
+            self.used.publish(&ring);
+            if !ring.allow_kicks(event_idx, cursor.next) {
+                break Ok(());
             }
-        }
-        let notify = self.used.finish(queue, mem).map_err(ring_error)?;
+            ring.suppress_kicks(event_idx);
+        };
+        queue.set_next_avail(cursor.next.0);
+        let notify = self.used.finish(queue, &ring);
         signal_if(notify, &state, &mut self.errors, self.queue);
         progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
-        Ok(progress)
+        result.map(|()| progress)
     }
 }
 
@@ -396,8 +381,8 @@ impl TxVirtio {
 #[derive(Clone, Copy, Debug)]
 struct TakenChain {
     head: u16,
-    /// One past this chain's last entry in `RxVirtio::segments`.
-    segments_end: usize,
+    /// One past this chain's last entry in `RxVirtio::pieces`.
+    pieces_end: usize,
 }
 
 /// What became of one frame offered to the receive queue.
@@ -414,13 +399,11 @@ enum Placement {
 pub struct RxVirtio {
     queue: u16,
     counters: Arc<DeviceCounters>,
-    segments: Vec<(GuestAddress, u32)>,
+    pieces: Vec<Piece>,
     chains: Vec<TakenChain>,
     used: UsedRing,
     errors: ErrorLog,
-    refused: Option<RingLayout>,
-    /// The ring layout whose start was checked against the used ring.
-    synced: Option<RingLayout>,
+    ring: PlacedRing,
 }
 
 impl RxVirtio {
@@ -428,87 +411,56 @@ impl RxVirtio {
         Self {
             queue,
             counters,
-            segments: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
+            pieces: Vec::with_capacity(MAX_CHAIN_SEGMENTS),
             chains: Vec::with_capacity(64),
             used: UsedRing::new(USED_BATCH_CAPACITY),
             errors: ErrorLog::new(),
-            refused: None,
-            synced: None,
+            ring: PlacedRing::default(),
         }
     }
 
-    /// Append the writable descriptors of `chain` to `segments`; returns their capacity.
-    fn take_writable(
-        &mut self,
-        chain: DescriptorChain<&GuestMemory>,
-        mem: &GuestMemory,
-    ) -> Result<usize, ChainError> {
-        let mut capacity = 0usize;
-        let mut ends = false;
-        for desc in chain {
-            ends = !desc.has_next();
-            if !desc.is_write_only() {
-                return Err(ChainError::ReadableInReceiveChain);
-            }
-            if self.segments.len() == MAX_CHAIN_SEGMENTS {
-                return Err(ChainError::TooManyDescriptors);
-            }
-            if !mem.check_range(desc.addr(), desc.len() as usize) {
-                return Err(ChainError::OutsideGuestMemory {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            }
-            capacity += desc.len() as usize;
-            self.segments.push((desc.addr(), desc.len()));
-        }
-        if !ends {
-            return Err(ChainError::Unterminated);
-        }
-        Ok(capacity)
-    }
-
-    /// Put the chains taken so far back into the ring, newest first.
-    fn give_back(&mut self, chains: &mut AvailIter<'_, &GuestMemory>) {
-        for _ in 0..self.chains.len() {
-            chains.go_to_previous_position();
-        }
+    /// Put the chains taken so far back into the ring.
+    fn give_back(&mut self, cursor: &mut AvailCursor) {
+        cursor.give_back(self.chains.len());
         self.chains.clear();
-        self.segments.clear();
+        self.pieces.clear();
     }
 
     /// Copy `frame` (virtio-net header first) into as many guest buffers as it needs.
     fn place(
         &mut self,
-        chains: &mut AvailIter<'_, &GuestMemory>,
-        queue_size: u16,
-        mem: &GuestMemory,
+        cursor: &mut AvailCursor,
+        ring: &RingView<'_>,
         frame: &mut [u8],
         link: LinkParams,
         delta: &mut CounterDelta,
-    ) -> Result<Placement, virtio_queue::Error> {
+    ) -> Placement {
         self.chains.clear();
-        self.segments.clear();
+        self.pieces.clear();
         let need = frame.len();
+        let rules = ChainRules {
+            device_writes: true,
+            max_bytes: usize::MAX,
+            max_pieces: MAX_CHAIN_SEGMENTS,
+        };
         let mut capacity = 0usize;
         while capacity < need {
             let one_buffer_only = !link.mergeable_rx && !self.chains.is_empty();
-            if one_buffer_only || self.chains.len() == queue_size as usize {
-                self.give_back(chains);
-                return Ok(Placement::NeverFits);
+            if one_buffer_only || self.chains.len() == usize::from(ring.size()) {
+                self.give_back(cursor);
+                return Placement::NeverFits;
             }
-            let Some(chain) = chains.next() else {
+            let Some(head) = cursor.take(ring) else {
                 let available = self.chains.len();
-                self.give_back(chains);
-                return Ok(Placement::NoBuffers(available));
+                self.give_back(cursor);
+                return Placement::NoBuffers(available);
             };
-            let head = chain.head_index();
-            let first_segment = self.segments.len();
-            match self.take_writable(chain, mem) {
+            let first_piece = self.pieces.len();
+            match walk_chain(ring, head, rules, &mut self.pieces) {
                 Ok(chain_capacity) => {
                     self.chains.push(TakenChain {
                         head,
-                        segments_end: self.segments.len(),
+                        pieces_end: self.pieces.len(),
                     });
                     capacity += chain_capacity;
                 }
@@ -516,11 +468,11 @@ impl RxVirtio {
                     // The ring cannot be rewound past a chain that is completed, so the
                     // buffers taken before the bad one go back empty, then the bad one.
                     // Guests drop used buffers shorter than a header.
-                    self.segments.truncate(first_segment);
+                    self.pieces.truncate(first_piece);
                     for taken in self.chains.drain(..) {
                         self.used.push(taken.head, 0);
                     }
-                    self.segments.clear();
+                    self.pieces.clear();
                     capacity = 0;
                     self.used.push(head, 0);
                     delta.errors += 1;
@@ -534,66 +486,60 @@ impl RxVirtio {
             frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
                 .copy_from_slice(&num_buffers.to_le_bytes());
         }
+        let mem = ring.memory();
         let mut offset = 0usize;
-        let mut segment = 0usize;
+        let mut first_piece = 0usize;
         for taken in &self.chains {
-            let mut written = 0usize;
-            while segment < taken.segments_end && offset < need {
-                let (addr, len) = self.segments[segment];
-                let n = (len as usize).min(need - offset);
-                // In range: checked when the chain was taken, under the same memory guard.
-                mem.write_slice(&frame[offset..offset + n], addr)
-                    .map_err(virtio_queue::Error::GuestMemory)?;
-                offset += n;
-                written += n;
-                segment += 1;
-            }
-            segment = taken.segments_end;
+            let written = mem.write(
+                &self.pieces[first_piece..taken.pieces_end],
+                &frame[offset..],
+            );
+            offset += written;
+            first_piece = taken.pieces_end;
             self.used.push(taken.head, written as u32);
         }
         // Between frames: the buffers of this one are published together.
-        self.used.publish_if_full(mem)?;
-        Ok(Placement::Delivered)
+        self.used.publish_if_full(ring);
+        Placement::Delivered
     }
 
     /// Deliver frames from `port` until it has none or the guest has no buffers.
     pub fn process(
         &mut self,
         vring: &Vring,
-        mem: &GuestMemory,
+        mem: &MappedMemory,
         port: &mut dyn Port,
         link: LinkParams,
     ) -> Result<RxProgress, QueueError> {
         if !queue_usable(vring) {
             return Ok(RxProgress::default());
         }
-        let ring_error = ring_error(self.queue);
         let mut state = vring.get_mut();
-        let Some(queue) = valid_queue(&mut state, mem, self.queue, &mut self.refused)? else {
+        let queue = state.get_queue_mut();
+        let Some(ring) = self.ring.view(self.queue, queue, mem)? else {
             return Ok(RxProgress::default());
         };
-        sync_with_used_ring(queue, mem, self.queue, &mut self.synced)?;
-        let queue_size = queue.size();
+        let event_idx = queue.event_idx_enabled();
+        let mut cursor = AvailCursor::new(queue);
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();
         self.used.begin(queue);
-        'frames: loop {
-            let mut chains = queue.iter(mem).map_err(ring_error)?;
+        let result = 'frames: loop {
+            if let Err(e) = cursor.refresh(&ring, self.queue) {
+                break Err(e);
+            }
             let available = loop {
                 let frame = match port.peek_rx() {
                     Ok(Some(frame)) => frame,
-                    Ok(None) => break 'frames,
+                    Ok(None) => break 'frames Ok(()),
                     Err(e) => {
                         delta.drops += 1;
                         self.errors.error(self.queue, &format!("host port: {e}"));
-                        break 'frames;
+                        break 'frames Ok(());
                     }
                 };
                 let len = frame.len();
-                let placement = self
-                    .place(&mut chains, queue_size, mem, frame, link, &mut delta)
-                    .map_err(ring_error)?;
-                match placement {
+                match self.place(&mut cursor, &ring, frame, link, &mut delta) {
                     Placement::Delivered => {
                         port.consume_rx();
                         delta.packets += 1;
@@ -608,25 +554,23 @@ impl RxVirtio {
             };
             // Out of buffers: hand back what is done, then ask for a kick when more
             // arrive; if some came in meanwhile, go on.
-            self.used.publish(mem).map_err(ring_error)?;
-            queue.enable_notification(mem).map_err(ring_error)?;
-            let avail = queue
-                .avail_idx(mem, Ordering::Acquire)
-                .map_err(ring_error)?;
-            if (avail - Wrapping(queue.next_avail())).0 as usize <= available {
+            self.used.publish(&ring);
+            ring.allow_kicks(event_idx, cursor.next);
+            if (ring.avail_idx() - cursor.next).0 as usize <= available {
                 progress.starved = true;
-                break;
+                break Ok(());
             }
-        }
+        };
         if !progress.starved {
             // Buffers to spare: no need for a kick each time the guest adds more.
-            queue.disable_notification(mem).map_err(ring_error)?;
+            ring.suppress_kicks(event_idx);
         }
-        let notify = self.used.finish(queue, mem).map_err(ring_error)?;
+        queue.set_next_avail(cursor.next.0);
+        let notify = self.used.finish(queue, &ring);
         signal_if(notify, &state, &mut self.errors, self.queue);
         progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
-        Ok(progress)
+        result.map(|()| progress)
     }
 }
 
@@ -636,6 +580,8 @@ pub struct QueuePair {
     rx: RxVirtio,
     port: SharedPort,
     errors: ErrorLog,
+    /// The current memory table, translated; rebuilt when the frontend changes it.
+    mapped: Option<MappedMemory>,
 }
 
 impl QueuePair {
@@ -645,6 +591,7 @@ impl QueuePair {
             tx: TxVirtio::new(2 * pair + 1, counters),
             port,
             errors: ErrorLog::new(),
+            mapped: None,
         }
     }
 
@@ -655,10 +602,16 @@ impl QueuePair {
         &mut self,
         rx_vring: &Vring,
         tx_vring: &Vring,
-        mem: &GuestMemory,
+        mem: &GuestMemoryLoadGuard<GuestMemory>,
         link: LinkParams,
         port_woke: bool,
     ) {
+        if !self.mapped.as_ref().is_some_and(|m| m.is_built_from(mem)) {
+            self.mapped = Some(MappedMemory::new(mem.clone().into_inner()));
+        }
+        let Some(mem) = self.mapped.as_ref() else {
+            return;
+        };
         let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
         if port_woke {
             port.woken();

@@ -8,8 +8,6 @@
 use std::io;
 use std::os::unix::io::RawFd;
 
-use vm_memory::Bytes;
-
 use super::{GuestFrame, Port, TxOutcome};
 
 /// Frames held between transmit and receive.
@@ -56,14 +54,9 @@ impl Port for LoopPort {
         if slot.len() < frame.len {
             slot.resize(frame.len, 0);
         }
-        let mut offset = 0;
-        for &(addr, len) in frame.segments {
-            let len = len as usize;
-            frame
-                .mem
-                .read_slice(&mut slot[offset..offset + len], addr)
-                .map_err(io::Error::other)?;
-            offset += len;
+        let copied = frame.read(0, &mut slot[..frame.len]);
+        if copied != frame.len {
+            return Err(io::Error::other("guest frame shorter than its chain"));
         }
         self.lens[index] = frame.len;
         self.count += 1;
@@ -101,9 +94,13 @@ impl Port for LoopPort {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestAddress};
+
     use super::*;
+    use crate::guest_ring::MappedMemory;
     use crate::GuestMemory;
-    use vm_memory::GuestAddress;
 
     #[test]
     fn frames_come_back_in_order_and_the_ring_pushes_back() {
@@ -111,12 +108,11 @@ mod tests {
         mem.write_slice(&[1, 2, 3, 4, 5, 6], GuestAddress(0x100))
             .unwrap();
         mem.write_slice(&[7, 8], GuestAddress(0x200)).unwrap();
-        let segments = [(GuestAddress(0x100), 6), (GuestAddress(0x200), 2)];
-        let frame = GuestFrame {
-            mem: &mem,
-            segments: &segments,
-            len: 8,
-        };
+        let mapped = MappedMemory::new(Arc::new(mem));
+        let mut pieces = Vec::new();
+        mapped.translate(0x100, 6, &mut pieces, 2).unwrap();
+        mapped.translate(0x200, 2, &mut pieces, 2).unwrap();
+        let frame = GuestFrame::new(&mapped, &pieces, 8);
         let mut port = LoopPort::new();
         for _ in 0..LOOP_SLOTS {
             assert_eq!(port.transmit(&frame).unwrap(), TxOutcome::Sent);

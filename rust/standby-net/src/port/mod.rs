@@ -16,13 +16,11 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::{Arc, Mutex};
 
-use thiserror::Error;
-use vm_memory::GuestAddress;
-
 use crate::config::{MacAddr, PortSpec};
+use crate::guest_ring::{MappedMemory, Piece};
 use crate::steering::HostSide;
 use crate::virtio_net::OFFLOAD_FEATURES;
-use crate::GuestMemory;
+use thiserror::Error;
 
 pub use generator::GenPort;
 pub use loopback::LoopPort;
@@ -32,13 +30,32 @@ pub use tap::{HostWriter, Tap};
 pub use tap_injector::TapInjector;
 
 /// One guest frame in guest memory: the virtio-net header, then the Ethernet frame,
-/// spread over the readable descriptors of a transmit chain.
+/// spread over the readable buffers of a transmit chain. Ports read it through
+/// [`GuestFrame::read`] or [`GuestFrame::iovecs`]; it never hands out a reference
+/// into guest memory, which the guest may be writing.
 pub struct GuestFrame<'a> {
-    pub mem: &'a GuestMemory,
-    /// `(address, length)` of each readable descriptor, all checked to lie in `mem`.
-    pub segments: &'a [(GuestAddress, u32)],
-    /// Sum of the segment lengths.
+    mem: &'a MappedMemory,
+    /// The chain's buffers, checked to lie in `mem`.
+    pieces: &'a [Piece],
+    /// Sum of the piece lengths.
     pub len: usize,
+}
+
+impl<'a> GuestFrame<'a> {
+    pub fn new(mem: &'a MappedMemory, pieces: &'a [Piece], len: usize) -> Self {
+        Self { mem, pieces, len }
+    }
+
+    /// Copy the frame, from byte `skip` on, into `dst`; returns how many bytes.
+    pub fn read(&self, skip: usize, dst: &mut [u8]) -> usize {
+        self.mem.read(self.pieces, skip, dst)
+    }
+
+    /// Append one iovec per buffer (at most `max` in all); says whether all fit. The
+    /// iovecs point into guest memory, valid while the frame is borrowed.
+    pub fn iovecs(&self, out: &mut Vec<libc::iovec>, max: usize) -> bool {
+        self.mem.iovecs(self.pieces, out, max)
+    }
 }
 
 /// What became of a frame handed to [`Port::transmit`].

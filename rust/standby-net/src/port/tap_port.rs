@@ -6,8 +6,6 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryBackend;
-
 use super::{GuestFrame, Port, Tap, TxOutcome};
 use crate::virtio_net::{
     F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4, F_GUEST_TSO6, MAX_HDR_AND_FRAME_LEN, VNET_HDR_LEN_V1,
@@ -94,20 +92,10 @@ fn tun_offloads(acked_features: u64) -> libc::c_uint {
 impl Port for TapPort {
     fn transmit(&mut self, frame: &GuestFrame<'_>) -> io::Result<TxOutcome> {
         self.iovecs.clear();
-        for &(addr, len) in frame.segments {
-            for slice in frame.mem.get_slices(addr, len as usize) {
-                let slice = slice.map_err(io::Error::other)?;
-                if self.iovecs.len() == IOV_MAX {
-                    return Err(io::Error::other("frame has more than 1024 segments"));
-                }
-                self.iovecs.push(libc::iovec {
-                    iov_base: slice.ptr_guard().as_ptr() as *mut libc::c_void,
-                    iov_len: slice.len(),
-                });
-            }
+        if !frame.iovecs(&mut self.iovecs, IOV_MAX) {
+            return Err(io::Error::other("frame has more than 1024 segments"));
         }
-        // The guest memory behind the iovecs stays mapped: the caller holds the
-        // memory guard `frame.mem` borrows from.
+        // The guest memory behind the iovecs stays mapped while `frame` is borrowed.
         match self.tap.writev(&self.iovecs) {
             Ok(_) => Ok(TxOutcome::Sent),
             Err(e) => match e.raw_os_error() {

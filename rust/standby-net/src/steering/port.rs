@@ -5,8 +5,6 @@ use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
 
-use vm_memory::Bytes;
-
 use super::frames::{FrameHead, HEAD_LEN};
 use super::policy::Verdict;
 use super::Steering;
@@ -38,35 +36,7 @@ impl SteeringPort {
 
     /// Copy the first bytes after the virtio-net header; returns how many.
     fn read_head(&mut self, frame: &GuestFrame<'_>) -> usize {
-        let mut skip = self.vnet_hdr_len;
-        let mut filled = 0;
-        for &(addr, len) in frame.segments {
-            let len = len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let take = (len - skip).min(HEAD_LEN - filled);
-            let Some(start) = addr.0.checked_add(skip as u64) else {
-                break;
-            };
-            if frame
-                .mem
-                .read_slice(
-                    &mut self.head[filled..filled + take],
-                    vm_memory::GuestAddress(start),
-                )
-                .is_err()
-            {
-                break;
-            }
-            filled += take;
-            skip = 0;
-            if filled == HEAD_LEN {
-                break;
-            }
-        }
-        filled
+        frame.read(self.vnet_hdr_len, &mut self.head)
     }
 
     /// Steering's verdict on the frame `peek_rx` holds (`Pass` when there is none).
