@@ -43,6 +43,8 @@ def start_serve(*args: str) -> subprocess.Popen[str]:
         (["--mac", "52:54:00:12:34"], "--mac"),
         (["--queue-size", "1000"], "--queue-size"),
         (["--mtu", "20"], "--mtu"),
+        (["--poll-us", "-1"], "--poll-us"),
+        (["--poll-us", "1000001"], "--poll-us"),
     ],
 )
 def test_bad_arguments_exit_2_naming_the_argument(

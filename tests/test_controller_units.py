@@ -277,21 +277,24 @@ def test_a_qmp_socket_that_does_not_exist_fails_fast_and_clearly(tmp_path: Path)
         assert "cannot connect to QMP" in result.stderr and str(missing) in result.stderr
 
 
-def test_socket_access_and_handshake_deadline_in_the_config(tmp_path: Path) -> None:
+def test_socket_access_handshake_deadline_and_polling_in_the_config(tmp_path: Path) -> None:
     text = GOOD.replace(
         'mac = "52:54:00:12:34:56"',
         'mac = "52:54:00:12:34:56"\nsocket_mode = 0o660\nsocket_group = "kvm"\n'
-        "handshake_timeout = 2",
+        "handshake_timeout = 2\npoll_us = 0",
     )
     (pair,) = load_config(write(tmp_path, text)).pairs
     assert (pair.backend.socket_mode, pair.backend.socket_group) == (0o660, "kvm")
     assert pair.backend.handshake_timeout == 2.0
+    assert pair.backend.poll_us == 0
     octal = load_config(write(tmp_path, text.replace("0o660", '"0640"'))).pairs[0]
     assert octal.backend.socket_mode == 0o640
     for bad, field in (
         ('socket_mode = "rw"', "backend.socket_mode"),
         ("socket_mode = 0o1777", "backend.socket_mode"),
         ("handshake_timeout = 0", "backend.handshake_timeout"),
+        ("poll_us = -1", "backend.poll_us"),
+        ("poll_us = 1000001", "backend.poll_us"),
     ):
         line = bad.split(" = ")[0]
         broken = "\n".join(bad if row.startswith(line) else row for row in text.splitlines())

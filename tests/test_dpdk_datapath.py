@@ -60,11 +60,11 @@ def test_negotiated_features_are_what_both_sides_offered(
     assert {"MQ", "LOG_SHMFD", "REPLY_ACK"} <= set(backend.features.protocol_offered_names)
 
 
-@pytest.mark.parametrize("frame_len", [64, 1518])
+@pytest.mark.parametrize(("frame_len", "poll_us"), [(64, 50), (1518, 50), (64, 0)])
 def test_null_port_counts_every_frame_the_guest_sends(
-    testpmd_binary: str, make_backend: BackendFactory, frame_len: int
+    testpmd_binary: str, make_backend: BackendFactory, frame_len: int, poll_us: int
 ) -> None:
-    backend = make_backend(port="null")
+    backend = make_backend(port="null", poll_us=poll_us)
     vdev = virtio_user_vdev(backend.socket_path)
     app = ["--forward-mode=txonly", f"--txpkts={frame_len}", "--nb-cores=1"]
     with Testpmd(testpmd_binary, [vdev], app) as pmd:
@@ -86,8 +86,16 @@ def test_null_port_counts_every_frame_the_guest_sends(
 
 
 @pytest.mark.parametrize(
-    ("queue_size", "mrg_rxbuf", "in_order"),
-    [(256, 0, 1), (256, 1, 1), (1024, 0, 1), (1024, 1, 1), (256, 1, 0), (1024, 0, 0)],
+    ("queue_size", "mrg_rxbuf", "in_order", "poll_us"),
+    [
+        (256, 0, 1, 50),
+        (256, 1, 1, 50),
+        (1024, 0, 1, 50),
+        (1024, 1, 1, 50),
+        (256, 1, 0, 50),
+        (1024, 0, 0, 50),
+        (256, 1, 1, 0),
+    ],
 )
 def test_loop_port_returns_every_frame_unchanged(
     testpmd_binary: str,
@@ -96,11 +104,12 @@ def test_loop_port_returns_every_frame_unchanged(
     mrg_rxbuf: int,
     queue_size: int,
     in_order: int,
+    poll_us: int,
 ) -> None:
     frames = numbered_frames(700, (64, 1518, 590))
     sent_pcap, returned_pcap = sockdir / "sent.pcap", sockdir / "returned.pcap"
     write_pcap(sent_pcap, frames)
-    backend = make_backend(port="loop")
+    backend = make_backend(port="loop", poll_us=poll_us)
     vdevs = [
         f"net_pcap0,rx_pcap={sent_pcap},tx_pcap={returned_pcap}",
         virtio_user_vdev(
@@ -133,6 +142,29 @@ def test_loop_port_returns_every_frame_unchanged(
     assert (stats.tx_packets, stats.rx_packets) == (len(frames), len(frames))
     assert (stats.tx_bytes, stats.rx_bytes) == (payload, payload)
     assert (stats.drops, stats.errors) == (0, 0)
+
+
+def test_the_worker_stops_polling_when_traffic_stops(
+    testpmd_binary: str, make_backend: BackendFactory
+) -> None:
+    """Polling holds a CPU only while frames move: connected and idle, the backend's
+    threads (this process: pytest itself sleeps) use under 1 % of a CPU."""
+    backend = make_backend(port="loop", poll_us=1000)
+    vdev = virtio_user_vdev(backend.socket_path)
+    app = ["--forward-mode=mac", "--nb-cores=1"]
+    with Testpmd(testpmd_binary, [vdev], app) as pmd:
+        wait_negotiated(backend)
+        pmd.cmd("start tx_first 4")
+        time.sleep(2)
+        pmd.cmd("stop")
+        moved = backend.stats().rx_packets
+        assert moved > 10_000, f"only {moved} frames looped"
+        time.sleep(0.5)
+        cpu_before, wall_before = time.process_time(), time.monotonic()
+        time.sleep(3)
+        cpu = time.process_time() - cpu_before
+        wall = time.monotonic() - wall_before
+        assert cpu / wall < 0.01, f"{cpu:.3f} s of CPU in {wall:.1f} s idle"
 
 
 def generated_frame(number: int, size: int, destination: str) -> bytes:

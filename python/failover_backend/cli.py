@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mtu", type=_bounded(68, 65535), default=1500, help="MTU (default 1500)"
     )
     serve_cmd.add_argument(
+        "--poll-us",
+        type=_bounded(0, 1_000_000),
+        default=50,
+        help="keep polling the rings this many µs after the last frame moved, "
+        "guest kicks suppressed; 0 never polls (default 50)",
+    )
+    serve_cmd.add_argument(
         "--socket-mode",
         type=_mode,
         default=0o600,
@@ -221,6 +228,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         client=args.client,
         queue_size=args.queue_size,
         mtu=args.mtu,
+        poll_us=args.poll_us,
         socket_mode=args.socket_mode,
         socket_group=args.socket_group,
         handshake_timeout=args.handshake_timeout,

@@ -91,6 +91,7 @@ class BackendSection:
     socket_mode: int = 0o600
     socket_group: str | int | None = None
     handshake_timeout: float = 5.0
+    poll_us: int = 50
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,13 @@ def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection
     handshake = b.get("handshake_timeout", float, 5.0)
     if not 0 < handshake <= 3600:
         raise b.error("handshake_timeout", f"must be 0 to 3600 seconds, got {handshake}")
+    poll_us = b.get("poll_us", int, 50)
+    if not 0 <= poll_us <= 1_000_000:
+        raise b.error("poll_us", f"must be between 0 and 1000000, got {poll_us}")
     b.reject_unknown()
-    return BackendSection(socket, port, mac.lower(), queues, client, mode, group, handshake)
+    return BackendSection(
+        socket, port, mac.lower(), queues, client, mode, group, handshake, poll_us
+    )
 
 
 def _primary(

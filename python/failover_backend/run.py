@@ -49,6 +49,7 @@ def _backend(pair: PairSection) -> StandbyBackend:
         socket_mode=b.socket_mode,
         socket_group=b.socket_group,
         handshake_timeout=b.handshake_timeout,
+        poll_us=b.poll_us,
     )
 
 

@@ -106,7 +106,7 @@ impl NativeBackend {
     #[new]
     // One parameter per Python keyword argument.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (socket_path, *, port = "null", mac = None, queues = 1, client = false, queue_size = 1024, mtu = 1500, socket_mode = 0o600, socket_group = None, handshake_timeout = 5.0))]
+    #[pyo3(signature = (socket_path, *, port = "null", mac = None, queues = 1, client = false, queue_size = 1024, mtu = 1500, poll_us = 50, socket_mode = 0o600, socket_group = None, handshake_timeout = 5.0))]
     fn new(
         py: Python<'_>,
         socket_path: PathBuf,
@@ -116,6 +116,7 @@ impl NativeBackend {
         client: bool,
         queue_size: u16,
         mtu: u16,
+        poll_us: u32,
         socket_mode: u32,
         socket_group: Option<u32>,
         handshake_timeout: f64,
@@ -129,6 +130,7 @@ impl NativeBackend {
         config.client = client;
         config.max_queue_size = queue_size;
         config.mtu = mtu;
+        config.poll_us = poll_us;
         config.socket_access = SocketAccess {
             mode: socket_mode,
             group: socket_group,
@@ -198,6 +200,11 @@ impl NativeBackend {
     #[getter]
     fn mtu(&self) -> u16 {
         self.device.config().mtu
+    }
+
+    #[getter]
+    fn poll_us(&self) -> u32 {
+        self.device.config().poll_us
     }
 
     /// Counters of every virtqueue.

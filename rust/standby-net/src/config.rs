@@ -19,6 +19,12 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Ring size advertised as the maximum; frontends pick any power of two up to it.
 pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 1024;
 pub const DEFAULT_MTU: u16 = 1500;
+/// How long a worker keeps polling its rings after the last frame moved, in µs:
+/// longer than the gap between a busy guest's batches, short enough that a quiet
+/// guest costs no CPU.
+pub const DEFAULT_POLL_US: u32 = 50;
+/// Longest polling budget accepted (one second of a busy CPU per quiet spell).
+pub const MAX_POLL_US: u32 = 1_000_000;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -38,6 +44,8 @@ pub enum ConfigError {
     BadQueueSize(u16),
     #[error("mtu: must be between 68 and 65535, got {0}")]
     BadMtu(u16),
+    #[error("poll_us: must be between 0 (never poll) and {MAX_POLL_US}, got {0}")]
+    BadPollUs(u32),
     #[error("socket: path is empty")]
     EmptySocketPath,
     #[error("socket mode: expected permission bits up to 0777, got {0:o}")]
@@ -247,6 +255,9 @@ pub struct BackendConfig {
     pub queue_pairs: u16,
     pub max_queue_size: u16,
     pub mtu: u16,
+    /// Keep polling the rings this long (µs) after the last frame moved, with the
+    /// guest's kicks suppressed; 0 sleeps in epoll after every pass.
+    pub poll_us: u32,
     /// Who may connect to the socket (server mode).
     pub socket_access: SocketAccess,
     /// How long a frontend may take to send its first request, and to finish one.
@@ -263,6 +274,7 @@ impl BackendConfig {
             queue_pairs: 1,
             max_queue_size: DEFAULT_MAX_QUEUE_SIZE,
             mtu: DEFAULT_MTU,
+            poll_us: DEFAULT_POLL_US,
             socket_access: SocketAccess::default(),
             deadlines: Deadlines::default(),
         }
@@ -281,6 +293,9 @@ impl BackendConfig {
         }
         if self.mtu < 68 {
             return Err(ConfigError::BadMtu(self.mtu));
+        }
+        if self.poll_us > MAX_POLL_US {
+            return Err(ConfigError::BadPollUs(self.poll_us));
         }
         if self.mac.is_multicast() {
             return Err(ConfigError::MulticastMac(self.mac));
@@ -404,5 +419,11 @@ mod tests {
         assert_eq!(config.num_queues(), 4);
         config.max_queue_size = 1000;
         assert_eq!(config.validate(), Err(ConfigError::BadQueueSize(1000)));
+        config.max_queue_size = 1024;
+        config.poll_us = MAX_POLL_US + 1;
+        assert_eq!(
+            config.validate(),
+            Err(ConfigError::BadPollUs(MAX_POLL_US + 1))
+        );
     }
 }

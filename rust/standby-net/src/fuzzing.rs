@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::port::{LoopPort, SharedPort};
-use crate::queue_pair::{LinkParams, QueuePair};
+use crate::queue_pair::{Kicks, LinkParams, QueuePair};
 use crate::server::{DeviceHandle, Server};
 use crate::stats::DeviceCounters;
 use crate::virtio_net::VNET_HDR_LEN_V1;
@@ -46,7 +46,7 @@ fn vring(mem: &GuestMemoryAtomic<GuestMemory>, ring: u64, event_idx: bool) -> Op
 
 /// Walk whatever descriptor tables and available rings `data` lays out, both ways,
 /// through a loop port: the first byte picks the negotiated options (event index,
-/// mergeable receive buffers, header length), the rest fills guest memory from the
+/// mergeable receive buffers, header length) and whether kicks are re-armed, the rest fills guest memory from the
 /// start (rings, then buffers), so descriptors point at rings, buffers, indirect
 /// tables, or past the end.
 pub fn walk_rings(data: &[u8]) {
@@ -78,9 +78,14 @@ pub fn walk_rings(data: &[u8]) {
     };
     let port: SharedPort = Arc::new(Mutex::new(Box::<LoopPort>::default()));
     let mut pair = QueuePair::new(0, port, Arc::new(DeviceCounters::new(2)));
+    let kicks = if options & 8 != 0 {
+        Kicks::Suppress
+    } else {
+        Kicks::Arm
+    };
     let guard = mem.memory();
     for _ in 0..2 {
-        pair.pump(&rx, &tx, &guard, link, false);
+        pair.pump(&rx, &tx, &guard, link, false, kicks);
     }
 }
 

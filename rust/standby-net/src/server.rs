@@ -162,6 +162,7 @@ impl Server {
         let offer = DeviceOffer {
             queue_pairs: config.queue_pairs,
             max_queue_size: config.max_queue_size,
+            poll: Duration::from_micros(u64::from(config.poll_us)),
             features,
             protocol_features: protocol_features(),
         };

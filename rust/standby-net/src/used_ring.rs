@@ -84,6 +84,11 @@ impl UsedRing {
         ring.publish_used(first, count as u16);
     }
 
+    /// Chains completed since [`Self::begin`], published or not.
+    pub fn completed_in_pass(&self) -> u16 {
+        (self.next_used - self.pass_start).0 + self.pending.len() as u16
+    }
+
     /// Publish what is left, give the index back to `queue`, and say whether the
     /// guest asked to be interrupted for what this pass completed.
     pub fn finish(&mut self, queue: &mut Queue, ring: &RingView<'_>) -> bool {

@@ -152,7 +152,8 @@ impl Rig {
 
     fn pump(&mut self, link: LinkParams) {
         let guard = self.mem.memory();
-        self.pair.pump(&self.rx, &self.tx, &guard, link, false);
+        self.pair
+            .pump(&self.rx, &self.tx, &guard, link, false, Kicks::Arm);
     }
 
     /// `(head, len)` of every used entry of the ring at `ring`.
