@@ -64,6 +64,8 @@ pub enum RingPlacementError {
     Outside(&'static str),
     #[error("the {0} is not aligned as the virtio specification requires")]
     Misaligned(&'static str),
+    #[error("a split ring of {0} entries (must be a power of two up to 32768)")]
+    BadSize(u16),
 }
 
 /// Guest addresses and size of a split virtqueue.
@@ -287,26 +289,73 @@ impl MappedMemory {
         copied
     }
 
-    /// Copy `src` into `pieces` in order, marking what was written dirty; returns how
-    /// many bytes fit.
-    pub fn write(&self, pieces: &[Piece], src: &[u8]) -> usize {
+    /// Copy `src` into `pieces` in order, from byte `skip` of them on, marking what
+    /// was written dirty; returns how many bytes fit.
+    pub fn write(&self, pieces: &[Piece], skip: usize, src: &[u8]) -> usize {
+        let mut skip = skip;
         let mut written = 0;
         for &piece in pieces {
             if written == src.len() {
                 break;
             }
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
             let Some(dst) = self.host(piece) else {
                 break;
             };
-            let n = piece.len().min(src.len() - written);
-            // SAFETY: `dst .. + n` lies within the piece, checked to be mapped, and the
-            // frontend gave this memory for the device to write (a device-writable
-            // descriptor); `src` is ours and cannot overlap guest memory.
-            unsafe { ptr::copy_nonoverlapping(src.as_ptr().add(written), dst, n) };
-            self.mark_dirty(piece, 0, n);
+            let n = (piece.len() - skip).min(src.len() - written);
+            // SAFETY: `dst + skip .. + n` lies within the piece, checked to be mapped,
+            // and the frontend gave this memory for the device to write (a
+            // device-writable descriptor); `src` is ours and cannot overlap guest memory.
+            unsafe { ptr::copy_nonoverlapping(src.as_ptr().add(written), dst.add(skip), n) };
+            self.mark_dirty(piece, skip, n);
             written += n;
+            skip = 0;
         }
         written
+    }
+
+    /// Copy up to `len` bytes of guest memory from `src` (from its byte `skip` on)
+    /// into `dst`, marking what was written dirty; returns how many bytes. For the
+    /// loop port: guest buffer to guest buffer, with no copy in between.
+    pub fn copy(&self, dst: &[Piece], src: &[Piece], skip: usize, len: usize) -> usize {
+        let mut copied = 0;
+        let mut src_index = 0;
+        let mut src_skip = skip;
+        for &to in dst {
+            let mut filled = 0;
+            while filled < to.len() && copied < len {
+                let Some(&from) = src.get(src_index) else {
+                    return copied;
+                };
+                if src_skip >= from.len() {
+                    src_skip -= from.len();
+                    src_index += 1;
+                    continue;
+                }
+                let (Some(from_at), Some(to_at)) = (self.host(from), self.host(to)) else {
+                    return copied;
+                };
+                let n = (from.len() - src_skip)
+                    .min(to.len() - filled)
+                    .min(len - copied);
+                // SAFETY: both ranges lie within their pieces (src_skip + n <= from.len,
+                // filled + n <= to.len), checked to be mapped; the destination is a
+                // device-writable buffer. A guest may hand the same memory for both:
+                // `ptr::copy` allows the overlap.
+                unsafe { ptr::copy(from_at.add(src_skip), to_at.add(filled), n) };
+                self.mark_dirty(to, filled, n);
+                filled += n;
+                copied += n;
+                src_skip += n;
+            }
+            if copied == len {
+                break;
+            }
+        }
+        copied
     }
 
     /// Append an iovec for each piece (for writev); stops at `max` iovecs and says
@@ -330,6 +379,9 @@ impl MappedMemory {
     /// Place a split ring (virtio 1.x, 2.7: alignments 16, 2 and 4), each part in
     /// one region; done once per memory table and ring layout.
     pub fn place_ring(&self, layout: &RingLayout) -> Result<RingPlacement, RingPlacementError> {
+        if !layout.size.is_power_of_two() {
+            return Err(RingPlacementError::BadSize(layout.size));
+        }
         let size = u64::from(layout.size);
         let part = |addr, len, align, name| {
             self.contiguous(addr, len, align).map_err(|e| match e {
@@ -358,7 +410,9 @@ impl MappedMemory {
             avail: checked(placement.avail, 6 + 2 * size)?,
             used: checked(placement.used, 6 + 8 * size)?,
             used_piece: placement.used,
-            size: placement.size.max(1),
+            size: placement.size,
+            // A power of two (`place_ring`): positions wrap with a mask, not a division.
+            mask: placement.size.wrapping_sub(1),
         })
     }
 
@@ -468,6 +522,7 @@ pub struct RingView<'m> {
     used: *mut u8,
     used_piece: Piece,
     size: u16,
+    mask: u16,
 }
 
 const RING_HEADER: usize = 4;
@@ -500,7 +555,7 @@ impl<'m> RingView<'m> {
 
     /// Head of the chain at available position `position`.
     pub fn avail_entry(&self, position: Wrapping<u16>) -> u16 {
-        let slot = usize::from(position.0 % self.size);
+        let slot = usize::from(position.0 & self.mask);
         // SAFETY: slot < size, and the ring holds `size` entries after its header.
         let field = self.atomic_u16(unsafe { self.avail.add(RING_HEADER + 2 * slot) });
         u16::from_le(field.load(Ordering::Relaxed))
@@ -559,7 +614,7 @@ impl<'m> RingView<'m> {
 
     /// Write one used element at position `position`; invisible until [`Self::publish_used`].
     pub fn write_used(&self, position: Wrapping<u16>, id: u16, len: u32) {
-        let slot = usize::from(position.0 % self.size);
+        let slot = usize::from(position.0 & self.mask);
         // SAFETY: slot < size; the used ring holds `size` 8-byte elements after its
         // 4-byte header and is 4-aligned, so both u32 fields are aligned and mapped.
         unsafe {
@@ -573,7 +628,7 @@ impl<'m> RingView<'m> {
     /// release store of the used index, and mark them and the index dirty.
     pub fn publish_used(&self, first: Wrapping<u16>, count: u16) {
         let size = usize::from(self.size);
-        let start = usize::from(first.0 % self.size);
+        let start = usize::from(first.0 & self.mask);
         let count = usize::from(count).min(size);
         let before_wrap = count.min(size - start);
         let elems = RING_HEADER + USED_ELEM_SIZE * start;

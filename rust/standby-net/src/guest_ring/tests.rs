@@ -186,7 +186,7 @@ fn write_descriptor(mem: &GuestMemory, at: u64, desc: &RawDesc) {
 }
 
 #[test]
-fn rings_are_refused_outside_memory_across_regions_and_misaligned() {
+fn rings_are_refused_outside_memory_across_regions_misaligned_or_uneven() {
     // Two adjacent regions: guest-contiguous, not host-contiguous.
     let mem = GuestMemory::from_ranges(&[
         (GuestAddress(0), MEM_SIZE),
@@ -222,6 +222,14 @@ fn rings_are_refused_outside_memory_across_regions_and_misaligned() {
         mapped.place_ring(&at(0x0, 0x1000, 0x2002)),
         Err(RingPlacementError::Misaligned("used ring"))
     );
+    let uneven = RingLayout {
+        size: 100,
+        ..at(0x0, 0x1000, 0x2000)
+    };
+    assert_eq!(
+        mapped.place_ring(&uneven),
+        Err(RingPlacementError::BadSize(100))
+    );
 }
 
 #[test]
@@ -236,5 +244,33 @@ fn a_piece_is_checked_against_its_region_when_used() {
     assert_eq!(old.read(&pieces, 0, &mut buf), 0x100);
     // The same piece against a smaller table: refused, not read past the region.
     assert_eq!(new.read(&pieces, 0, &mut buf), 0);
-    assert_eq!(new.write(&pieces, &buf), 0);
+    assert_eq!(new.write(&pieces, 0, &buf), 0);
+}
+
+#[test]
+fn guest_to_guest_copy_follows_both_piece_lists() {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let frame: Vec<u8> = (0..100u8).collect();
+    // Source in three uneven pieces, destination in two others.
+    mem.write_slice(&frame[..7], GuestAddress(0x1000)).unwrap();
+    mem.write_slice(&frame[7..60], GuestAddress(0x2000))
+        .unwrap();
+    mem.write_slice(&frame[60..], GuestAddress(0x3000)).unwrap();
+    let mapped = MappedMemory::new(Arc::new(mem.clone()));
+    let (mut src, mut dst) = (Vec::new(), Vec::new());
+    for (addr, len) in [(0x1000, 7), (0x2000, 53), (0x3000, 40)] {
+        mapped.translate(addr, len, &mut src, 8).unwrap();
+    }
+    for (addr, len) in [(0x8000, 30), (0x9000, 100)] {
+        mapped.translate(addr, len, &mut dst, 8).unwrap();
+    }
+    assert_eq!(mapped.copy(&dst, &src, 5, 95), 95);
+    let mut out = vec![0u8; 95];
+    mem.read_slice(&mut out[..30], GuestAddress(0x8000))
+        .unwrap();
+    mem.read_slice(&mut out[30..], GuestAddress(0x9000))
+        .unwrap();
+    assert_eq!(out, frame[5..]);
+    // A shorter destination takes what fits.
+    assert_eq!(mapped.copy(&dst[..1], &src, 0, 100), 30);
 }

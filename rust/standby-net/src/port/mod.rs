@@ -97,6 +97,12 @@ pub trait Port: Send {
 
     /// Drop frames held for a connection that is gone.
     fn reset(&mut self);
+
+    /// Every frame goes back to the guest: the queue pair then copies transmit
+    /// buffers straight into receive buffers and never calls `transmit` or `peek_rx`.
+    fn loops_back(&self) -> bool {
+        false
+    }
 }
 
 /// A port shared between the server (which keeps it across connections) and the

@@ -1,0 +1,162 @@
+//! The loop port's datapath: each frame the guest transmits is copied from its
+//! transmit buffers straight into its receive buffers.
+//!
+//! Going through the port (`transmit` into a host slot, `peek_rx` out of it) costs a
+//! second copy and a ring of slots per frame. Here a transmit chain stays in its ring
+//! until a receive buffer takes it, so nothing is dropped and order is kept, as with
+//! the slots; `bench/vhost_throughput.py` (loopback) measures what it saves.
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+
+use super::{
+    check_frame_len, queue_usable, signal_if, AvailCursor, FrameSource, Kicks, LinkParams,
+    Placement, QueuePair, TX_CHAINS,
+};
+use crate::guest_ring::{walk_chain, MappedMemory};
+use crate::stats::CounterDelta;
+use crate::Vring;
+
+impl QueuePair {
+    /// One pass of the loop: transmit chains into receive buffers until the
+    /// transmit ring is empty or the receive ring has no buffers. Says whether
+    /// anything moved.
+    pub(super) fn loop_back(
+        &mut self,
+        rx_vring: &Vring,
+        tx_vring: &Vring,
+        mem: &MappedMemory,
+        link: LinkParams,
+        kicks: Kicks,
+    ) -> bool {
+        if !queue_usable(tx_vring) || !queue_usable(rx_vring) {
+            return false;
+        }
+        // Only this worker ever holds both; the frontend's thread takes one at a time.
+        let mut tx_state = tx_vring.get_mut();
+        let mut rx_state = rx_vring.get_mut();
+        let tx_queue = tx_state.get_queue_mut();
+        let rx_queue = rx_state.get_queue_mut();
+        let (tx_index, rx_index) = (self.tx.queue, self.rx.queue);
+        let tx_ring = match self.tx.ring.view(tx_index, tx_queue, mem) {
+            Ok(Some(ring)) => ring,
+            Ok(None) => return false,
+            Err(e) => {
+                self.errors.error(e.queue(), &e);
+                return false;
+            }
+        };
+        let rx_ring = match self.rx.ring.view(rx_index, rx_queue, mem) {
+            Ok(Some(ring)) => ring,
+            Ok(None) => return false,
+            Err(e) => {
+                self.errors.error(e.queue(), &e);
+                return false;
+            }
+        };
+        let (tx_event_idx, rx_event_idx) =
+            (tx_queue.event_idx_enabled(), rx_queue.event_idx_enabled());
+        let mut tx_cursor = AvailCursor::new(tx_queue);
+        let mut rx_cursor = AvailCursor::new(rx_queue);
+        let (mut tx_delta, mut rx_delta) = (CounterDelta::default(), CounterDelta::default());
+        self.tx.used.begin(tx_queue);
+        self.rx.used.begin(rx_queue);
+        self.tx.ring.suppress_kicks(&tx_ring, tx_event_idx);
+        let mut starved = false;
+        loop {
+            if let Err(e) = tx_cursor
+                .refresh(&tx_ring, tx_index)
+                .and_then(|()| rx_cursor.refresh(&rx_ring, rx_index))
+            {
+                self.errors.error(e.queue(), &e);
+                break;
+            }
+            let mut waiting = 0;
+            while let Some(head) = tx_cursor.take(&tx_ring, false) {
+                self.tx.pieces.clear();
+                match walk_chain(&tx_ring, head, TX_CHAINS, &mut self.tx.pieces)
+                    .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
+                {
+                    Ok(len) => {
+                        let mut source = FrameSource::Guest {
+                            pieces: &self.tx.pieces,
+                            len,
+                        };
+                        let placement = self.rx.place(
+                            &mut rx_cursor,
+                            &rx_ring,
+                            &mut source,
+                            link,
+                            &mut rx_delta,
+                        );
+                        let bytes = (len - link.vnet_hdr_len) as u64;
+                        match placement {
+                            Placement::Delivered => {
+                                tx_delta.packets += 1;
+                                tx_delta.bytes += bytes;
+                                rx_delta.packets += 1;
+                                rx_delta.bytes += bytes;
+                            }
+                            Placement::NeverFits => {
+                                tx_delta.packets += 1;
+                                tx_delta.bytes += bytes;
+                                rx_delta.drops += 1;
+                            }
+                            Placement::NoBuffers(available) => {
+                                // The frame waits in the transmit ring for buffers.
+                                tx_cursor.give_back(1);
+                                starved = true;
+                                waiting = available;
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tx_delta.errors += 1;
+                        self.tx.errors.error(tx_index, &e);
+                    }
+                }
+                self.tx.used.push(head, 0);
+                self.tx.used.publish_if_full(&tx_ring);
+            }
+            self.tx.used.publish(&tx_ring);
+            self.rx.used.publish(&rx_ring);
+            if starved {
+                // Ask for a kick when buffers come (the transmit side waits for them,
+                // not for a kick of its own); go on if some came meanwhile.
+                if kicks == Kicks::Arm {
+                    self.rx
+                        .ring
+                        .allow_kicks(&rx_ring, rx_event_idx, rx_cursor.next);
+                }
+                if (rx_ring.avail_idx() - rx_cursor.next).0 as usize <= waiting {
+                    break;
+                }
+                starved = false;
+                continue;
+            }
+            if kicks == Kicks::Suppress
+                || !self
+                    .tx
+                    .ring
+                    .allow_kicks(&tx_ring, tx_event_idx, tx_cursor.next)
+            {
+                break;
+            }
+            self.tx.ring.suppress_kicks(&tx_ring, tx_event_idx);
+        }
+        if !starved {
+            self.rx.ring.suppress_kicks(&rx_ring, rx_event_idx);
+        }
+        tx_queue.set_next_avail(tx_cursor.next.0);
+        rx_queue.set_next_avail(rx_cursor.next.0);
+        let moved = self.tx.used.completed_in_pass() > 0 || self.rx.used.completed_in_pass() > 0;
+        let notify_tx = self.tx.used.finish(tx_queue, &tx_ring);
+        let notify_rx = self.rx.used.finish(rx_queue, &rx_ring);
+        signal_if(notify_tx, &tx_state, &mut self.tx.errors, tx_index);
+        signal_if(notify_rx, &rx_state, &mut self.rx.errors, rx_index);
+        self.tx.counters.queue(usize::from(tx_index)).add(&tx_delta);
+        self.rx.counters.queue(usize::from(rx_index)).add(&rx_delta);
+        moved
+    }
+}
