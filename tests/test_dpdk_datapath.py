@@ -60,11 +60,14 @@ def test_negotiated_features_are_what_both_sides_offered(
     assert {"MQ", "LOG_SHMFD", "REPLY_ACK"} <= set(backend.features.protocol_offered_names)
 
 
-@pytest.mark.parametrize(("frame_len", "poll_us"), [(64, 50), (1518, 50), (64, 0)])
-def test_null_port_counts_every_frame_the_guest_sends(
-    testpmd_binary: str, make_backend: BackendFactory, frame_len: int, poll_us: int
+@pytest.mark.parametrize(
+    ("port", "frame_len", "poll_us"),
+    [("null", 64, 50), ("null", 1518, 50), ("null", 64, 0), ("sink", 1518, 50)],
+)
+def test_null_and_sink_ports_count_every_frame_the_guest_sends(
+    testpmd_binary: str, make_backend: BackendFactory, port: str, frame_len: int, poll_us: int
 ) -> None:
-    backend = make_backend(port="null", poll_us=poll_us)
+    backend = make_backend(port=port, poll_us=poll_us)
     vdev = virtio_user_vdev(backend.socket_path)
     app = ["--forward-mode=txonly", f"--txpkts={frame_len}", "--nb-cores=1"]
     with Testpmd(testpmd_binary, [vdev], app) as pmd:

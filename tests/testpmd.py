@@ -156,6 +156,11 @@ class Testpmd:
             self._reader.join(5)
         return self.output
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "not started"
+        return self._proc.pid
+
     def kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()

@@ -183,7 +183,8 @@ class StandbyBackend:
     """A vhost-user virtio-net standby device.
 
     :param socket_path: The vhost-user Unix socket.
-    :param port: Host side: ``"null"`` (count and drop), ``"loop"`` (back to the
+    :param port: Host side: ``"null"`` (count and drop), ``"sink"`` (read each frame,
+        then drop it), ``"loop"`` (back to the
         guest), ``"tap:NAME"`` (a TAP device, created if missing) or
         ``"gen:SIZE[,rate=FPS][,count=N]"`` (numbered frames for the guest).
     :param mac: The guest's MAC (the primary must carry the same one); random if omitted.

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         type=_port,
         default="null",
-        help="host side: null, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N] (default null)",
+        help="host side: null, sink, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N]"
+        " (default null)",
     )
     serve_cmd.add_argument(
         "--queues", type=_bounded(1, 16), default=1, help="queue pairs (default 1)"

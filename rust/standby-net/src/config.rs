@@ -28,7 +28,9 @@ pub const MAX_POLL_US: u32 = 1_000_000;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("port: expected null, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N], got {0:?}")]
+    #[error(
+        "port: expected null, sink, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N], got {0:?}"
+    )]
     UnknownPort(String),
     #[error("port: gen {0}")]
     BadGenerator(String),
@@ -59,6 +61,9 @@ pub enum ConfigError {
 pub enum PortSpec {
     /// Count and drop what the guest sends; nothing to receive.
     Null,
+    /// Like `Null`, but read every frame out of guest memory first (what a consumer
+    /// of the frames costs, as DPDK's rxonly copying into an mbuf).
+    Sink,
     /// Deliver every frame the guest sends back to its own receive queue.
     Loop,
     /// A TAP device, opened or created by name.
@@ -146,6 +151,7 @@ impl FromStr for PortSpec {
         match s {
             "null" => Ok(Self::Null),
             "loop" => Ok(Self::Loop),
+            "sink" => Ok(Self::Sink),
             _ => match s.strip_prefix("tap:") {
                 Some(name) => {
                     let valid = !name.is_empty()
@@ -173,6 +179,7 @@ impl fmt::Display for PortSpec {
         match self {
             Self::Null => f.write_str("null"),
             Self::Loop => f.write_str("loop"),
+            Self::Sink => f.write_str("sink"),
             Self::Tap { name } => write!(f, "tap:{name}"),
             Self::Gen(spec) => spec.fmt(f),
         }
@@ -365,6 +372,8 @@ mod tests {
     fn parses_ports() {
         assert_eq!("null".parse(), Ok(PortSpec::Null));
         assert_eq!("loop".parse(), Ok(PortSpec::Loop));
+        assert_eq!("sink".parse(), Ok(PortSpec::Sink));
+        assert_eq!(PortSpec::Sink.to_string(), "sink");
         assert_eq!("tap:fb0".parse(), Ok(PortSpec::Tap { name: "fb0".into() }));
         assert_eq!(
             "tap:".parse::<PortSpec>(),

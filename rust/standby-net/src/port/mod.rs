@@ -24,7 +24,7 @@ use thiserror::Error;
 
 pub use generator::GenPort;
 pub use loopback::LoopPort;
-pub use null::NullPort;
+pub use null::{NullPort, SinkPort};
 pub use open_tap::{open_tap_queues, OpenTapError};
 pub use tap::{HostWriter, Tap};
 pub use tap_injector::TapInjector;
@@ -137,6 +137,13 @@ pub fn open_ports(
         PortSpec::Null => Ok(OpenPorts {
             ports: (0..queue_pairs)
                 .map(|_| Box::new(NullPort) as Box<dyn Port>)
+                .collect(),
+            offload_features: 0,
+            host_side: None,
+        }),
+        PortSpec::Sink => Ok(OpenPorts {
+            ports: (0..queue_pairs)
+                .map(|_| Box::new(SinkPort::new()) as Box<dyn Port>)
                 .collect(),
             offload_features: 0,
             host_side: None,
