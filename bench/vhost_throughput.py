@@ -115,10 +115,13 @@ class Result:
 
 
 def rss_kib(pid: int) -> int:
+    """The process's own resident memory (RssAnon). VmRSS would also count every page
+    of the guest's shared memory the datapath has touched, which grows with the number
+    of guest buffers in use, not with anything the backend keeps."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no RssAnon for pid {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -145,7 +148,9 @@ def wait_quiet(limit: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def standby_backend(socket: Path, port: str, queues: int) -> Iterator[subprocess.Popen[str]]:
+def standby_backend(
+    socket: Path, port: str, queues: int, poll_us: int = 50
+) -> Iterator[subprocess.Popen[str]]:
     """The backend under test, pinned to the backend CPU like DPDK's forwarding lcore."""
     proc = subprocess.Popen(
         [
@@ -164,6 +169,8 @@ def standby_backend(socket: Path, port: str, queues: int) -> Iterator[subprocess
             port,
             "--queues",
             str(queues),
+            "--poll-us",
+            str(poll_us),
         ],
         stdout=subprocess.DEVNULL,
         text=True,
@@ -245,6 +252,7 @@ def bench(
     rounds: int,
     warmup: float,
     in_order: int,
+    poll_us: int = 50,
     progress: Callable[[str], None] = lambda line: None,
 ) -> list[Result]:
     """Every case ``rounds`` times, alternating the two backends."""
@@ -264,7 +272,7 @@ def bench(
                     socket = workdir / f"{round_no}-{case_no}-{backend}.sock"
                     if backend == "standby":
                         port = mode.standby_port.format(size=case.size, tap=tap)
-                        with standby_backend(socket, port, case.queues) as proc:
+                        with standby_backend(socket, port, case.queues, poll_us) as proc:
                             rss: list[int] = []
 
                             def sample(pid: int = proc.pid, into: list[int] = rss) -> None:
@@ -376,7 +384,8 @@ def report(table: list[Row], results: list[Result], args: argparse.Namespace) ->
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()};"
         f" {args.rounds} round(s) of {args.seconds:g} s windows after {args.warmup:g} s"
         " warm-up, backends alternating, each run after a quiet second; split rings,"
-        f" virtio-user in_order={args.in_order}. Median (min-max) in Mpps, ratio of"
+        f" virtio-user in_order={args.in_order}, standby --poll-us {args.poll_us}."
+        " Median (min-max) in Mpps, ratio of"
         " medians. Where the two ranges overlap, the run cannot tell the backends apart."
         " CPU: the backend process, % of one CPU (DPDK's forwarding lcore always spins).",
         "",
@@ -399,7 +408,8 @@ def report(table: list[Row], results: list[Result], args: argparse.Namespace) ->
     if growth:
         lines += [
             "",
-            "Resident memory of `serve` over each load window (end - start): at most"
+            "Private resident memory (RssAnon) of `serve` over each load window"
+            " (end - start): at most"
             f" {max(growth)} KiB; connected and idle"
             f" {min(r.rss_idle_kib or 0 for r in results if r.backend == 'standby')}-"
             f"{max(r.rss_idle_kib or 0 for r in results if r.backend == 'standby')} KiB.",
@@ -450,6 +460,9 @@ def main() -> int:
         default=1,
         help="virtio-user's in_order devarg (1, its default: both backends grant it)",
     )
+    parser.add_argument(
+        "--poll-us", type=int, default=50, help="the standby's serve --poll-us (default 50)"
+    )
     parser.add_argument("--output", type=Path, help="write PREFIX.md, PREFIX.json and PREFIX.png")
     args = parser.parse_args()
     binary = shutil.which("dpdk-testpmd")
@@ -464,6 +477,7 @@ def main() -> int:
         args.rounds,
         args.warmup,
         args.in_order,
+        args.poll_us,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     table = rows(results, cases)
@@ -481,6 +495,7 @@ def main() -> int:
                     "rounds": args.rounds,
                     "warmup": args.warmup,
                     "in_order": args.in_order,
+                    "poll_us": args.poll_us,
                     "results": [asdict(r) for r in results],
                     "summary": [
                         {"case": row.case, "ratio": row.ratio, "overlap": row.overlap}
