@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -151,3 +152,27 @@ def test_serve_exits_1_with_the_cause_when_the_device_cannot_serve_again(
     assert serve.returncode == 1, (out, err)
     assert "error: the backend cannot serve any more:" in err
     assert "Too many open files" in err
+
+
+def test_version_names_the_program_as_it_was_invoked() -> None:
+    by_module = run_cli("--version")
+    assert by_module.returncode == 0, by_module
+    assert re.fullmatch(r"python -m failover_backend \d+\.\d+\.\d+\n", by_module.stdout)
+    script = Path(sys.executable).parent / "failover-backend"
+    by_script = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=30
+    )
+    assert re.fullmatch(r"failover-backend \d+\.\d+\.\d+\n", by_script.stdout), by_script
+    usage = subprocess.run([str(script), "serve"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2
+    assert usage.stderr.startswith("usage: failover-backend serve"), usage.stderr
+
+
+def test_log_level_is_taken_after_the_command_too() -> None:
+    missing = "/nonexistent/qmp.sock"
+    after = run_cli("status", "--qmp", missing, "--timeout", "0.5", "--log-level", "error")
+    assert after.returncode == 1, after
+    assert "cannot connect to QMP" in after.stderr and "usage:" not in after.stderr
+    bad = run_cli("status", "--qmp", missing, "--log-level", "loud")
+    assert bad.returncode == 2
+    assert "argument --log-level" in bad.stderr

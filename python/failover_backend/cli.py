@@ -13,7 +13,9 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from .backend import StandbyBackend
 from .config import load_config, parse_port
@@ -23,6 +25,14 @@ from .run import run_vm
 from .serve import serve
 
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("failover-backend")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _port(value: str) -> str:
@@ -84,17 +94,24 @@ def _power_of_two(value: str) -> int:
     return number
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """``prog``: the program name as invoked (``failover-backend``, or
+    ``python -m failover_backend``), shown in usage and errors."""
     parser = argparse.ArgumentParser(
-        prog="python -m failover_backend",
+        prog=prog,
         description="vhost-user standby backend and controller for QEMU virtio-net failover",
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS, help="(default info)")
+    # Also accepted after the command (`serve --log-level debug`); there it wins.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default=argparse.SUPPRESS, choices=_LOG_LEVELS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve_cmd = commands.add_parser(
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], **kwargs)
+
+    serve_cmd = add_command(
         "serve",
         help="run a standby vhost-user backend in the foreground",
         description="Serve a vhost-user virtio-net standby device until SIGINT/SIGTERM.",
@@ -143,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a frontend may take to send a request (default 5); then it is closed",
     )
 
-    run_cmd = commands.add_parser(
+    run_cmd = add_command(
         "run",
         help="serve the standby backends and manage one VM's failover pairs",
         description=(
@@ -155,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_cmd.add_argument("--config", required=True, type=Path, help="VM configuration (TOML)")
 
-    migrate_cmd = commands.add_parser(
+    migrate_cmd = add_command(
         "migrate",
         help="live-migrate a VM with its failover pairs",
         description=(
@@ -185,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="migrate even when a source standby's backend is disconnected (no failover path)",
     )
 
-    status_cmd = commands.add_parser(
+    status_cmd = add_command(
         "status",
         help="show a VM's failover pairs",
         description="Show the VM's failover pairs; exit 1 when one cannot fail over.",
@@ -196,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=5.0, help="wait for QEMU this long (default 5 s)"
     )
 
-    cancel_cmd = commands.add_parser(
+    cancel_cmd = add_command(
         "cancel",
         help="cancel a VM's outgoing migration",
         description=(
@@ -209,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_positive, default=45.0, help="give up waiting after S (default 45)"
     )
 
-    demo_cmd = commands.add_parser(
+    demo_cmd = add_command(
         "demo",
         help="build a tiny guest and show negotiation, hotplug and a live migration (root)",
     )
@@ -237,8 +254,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(backend))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the command line; ``prog`` defaults to the name the program was started by."""
+    parser = build_parser(prog or Path(sys.argv[0]).name)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
