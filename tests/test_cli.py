@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from testpmd import Testpmd, virtio_user_vdev, wait_for
 
@@ -176,3 +178,62 @@ def test_log_level_is_taken_after_the_command_too() -> None:
     bad = run_cli("status", "--qmp", missing, "--log-level", "loud")
     assert bad.returncode == 2
     assert "argument --log-level" in bad.stderr
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@pytest.mark.dpdk
+def test_metrics_endpoint_counts_what_testpmd_sent(testpmd_binary: str, sockdir: Path) -> None:
+    sock = sockdir / "metrics.sock"
+    proc = start_serve("--socket", str(sock), "--port", "null", "--metrics", "127.0.0.1:0")
+    try:
+        assert proc.stderr is not None
+        url = ""
+        while not url:
+            line = proc.stderr.readline()
+            assert line, f"serve ended before it served metrics (exit {proc.poll()})"
+            if "metrics on " in line:
+                url = line.split("metrics on ")[1].strip()
+        labels = (("direction", "tx"), ("queue", "0"), ("standby", str(sock)))
+        vdev = virtio_user_vdev(str(sock))
+        app = ["--forward-mode=txonly", "--txpkts=64", "--nb-cores=1"]
+        with Testpmd(testpmd_binary, [vdev], app) as pmd:
+            standby = (("standby", str(sock)),)
+            wait_for(
+                lambda: _scrape(url).get(("failover_backend_connected", standby)) == 1,
+                20,
+                "the endpoint to show the frontend connected",
+            )
+            pmd.cmd("start")
+            wait_for(
+                lambda: _scrape(url)[("failover_backend_frames_total", labels)] > 1000,
+                20,
+                "frames counted while traffic flows",
+            )
+            pmd.cmd("stop")
+            sent = pmd.port_stats(0)
+            wait_for(
+                lambda: (
+                    _scrape(url)[("failover_backend_frames_total", labels)] == sent["TX-packets"]
+                ),
+                10,
+                f"the endpoint to count {sent['TX-packets']} frames",
+            )
+            metrics = _scrape(url)
+        assert metrics[("failover_backend_bytes_total", labels)] == sent["TX-bytes"]
+        assert metrics[("failover_backend_drops_total", labels)] == 0
+        assert metrics[("failover_backend_connections_total", standby)] == 1
+        version_1 = (("feature", "VERSION_1"), ("standby", str(sock)))
+        assert metrics[("failover_backend_feature_acked", version_1)] == 1
+        assert metrics[("failover_backend_dirty_logging", standby)] == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)

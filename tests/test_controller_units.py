@@ -5,6 +5,7 @@ injects the state a real QEMU reaches only in rare failures."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,14 @@ from typing import Any
 import pytest
 
 from failover_backend.config import load_config
+from failover_backend.controller import PairStatus
 from failover_backend.errors import ConfigError, MonitorCommandError, MonitorUnavailable
 from failover_backend.lab.traffic import parse_ping
+from failover_backend.migration import MigrationReport
 from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
 from failover_backend.qmp import QmpEvent, QmpSession
+from failover_backend.standby import BackendLink
 from failover_backend.timeline import Timeline
 
 GOOD = """
@@ -301,3 +305,56 @@ def test_socket_access_handshake_deadline_and_polling_in_the_config(tmp_path: Pa
         with pytest.raises(ConfigError) as raised:
             load_config(write(tmp_path, broken))
         assert raised.value.field == field
+
+
+def test_status_as_json_carries_every_fact_of_the_text() -> None:
+    status = PairStatus(
+        run_state="running",
+        standby_id="standby0",
+        standby_negotiated=True,
+        primary_id="primary0",
+        primary_state="unplugging",
+        migration="wait-unplug",
+        backend_link=BackendLink("disconnected", "/nonexistent/vm1.sock"),
+        backend_state=None,
+    )
+    assert status.to_json() == {
+        "vm": "running",
+        "standby": "standby0",
+        "standby_negotiated": True,
+        "primary": {"id": "primary0", "state": "unplugging"},
+        "migration": "wait-unplug",
+        "backend": {
+            "qemu_side": "disconnected",
+            "socket": "/nonexistent/vm1.sock",
+            "listening": False,
+            "backend_side": None,
+        },
+        "steering": None,
+        "healthy": False,
+    }
+    assert json.loads(json.dumps(status.to_json())) == status.to_json()
+
+
+def test_migration_report_as_json_carries_the_timeline_relative_to_its_start() -> None:
+    timeline = Timeline()
+    timeline.add("source", "MIGRATION", "wait-unplug", at=100.0)
+    timeline.add("source", "UNPLUG_PRIMARY", "primary0", at=100.25)
+    report = MigrationReport(
+        status="completed",
+        timeline=timeline,
+        pairs={"standby0": "primary0"},
+        total_time_ms=1800,
+        downtime_ms=42,
+        wait_unplug_s=0.25,
+        primary_plugged_before_resume=True,
+        target_exited_at=101.5,
+    )
+    document = json.loads(json.dumps(report.to_json()))
+    assert document["status"] == "completed" and document["downtime_ms"] == 42
+    assert document["pairs"] == {"standby0": "primary0"}
+    assert document["target_exited_s"] == 1.5
+    assert document["timeline"] == [
+        {"t": 0.0, "source": "source", "what": "MIGRATION", "detail": "wait-unplug"},
+        {"t": 0.25, "source": "source", "what": "UNPLUG_PRIMARY", "detail": "primary0"},
+    ]

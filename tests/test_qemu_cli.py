@@ -6,6 +6,7 @@ and the host pinging the guest throughout."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -31,9 +32,10 @@ async def vm_for(lab: Lab, name: str, run_process: RunProcess, incoming: bool = 
     )
 
 
-async def migrate(lab: Lab, source: LabVM, target: LabVM) -> str:
+async def migrate(lab: Lab, source: LabVM, target: LabVM, *extra: str) -> str:
     result = await cli(
         "migrate",
+        *extra,
         "--source-qmp",
         str(source.vm.config.control_qmp_path),
         "--target-qmp",
@@ -64,6 +66,12 @@ def test_run_on_each_side_keeps_the_guest_reachable_there_and_back() -> None:
                 assert "standby0 (STANDBY negotiated)" in status.stdout
                 assert "primary0 (visible)" in status.stdout
                 assert "backend:   connected (QEMU's side)" in status.stdout
+                as_json = await cli("status", "--json", "--qmp", str(a.vm.config.control_qmp_path))
+                assert as_json.returncode == 0, as_json.stderr
+                (pair,) = json.loads(as_json.stdout)["pairs"]
+                assert (pair["standby"], pair["standby_negotiated"]) == ("standby0", True)
+                assert pair["primary"] == {"id": "primary0", "state": "visible"}
+                assert pair["backend"]["qemu_side"] == "connected" and pair["healthy"]
 
                 pinger = HostPinger(lab.guest_address)
                 await pinger.start()
@@ -87,7 +95,13 @@ def test_run_on_each_side_keeps_the_guest_reachable_there_and_back() -> None:
                 a2 = await vm_for(lab, "a2", runs["a2"], incoming=True)
                 await a.vm.stop()
                 back = time.time()
-                await migrate(lab, b, a2)
+                report = json.loads(await migrate(lab, b, a2, "--json"))
+                assert report["status"] == "completed" and report["problems"] == []
+                assert report["pairs"] == {"standby0": "primary0"}
+                assert report["primary_plugged_before_resume"] is True
+                assert 0 < report["downtime_ms"] <= report["total_time_ms"]
+                events = [entry["what"] for entry in report["timeline"]]
+                assert "UNPLUG_PRIMARY" in events, events
                 assert await runs["b"].exit_code() == 0, runs["b"].output
                 await wait_primary_enslaved(a2.console, timeout=30)
                 await asyncio.sleep(3)

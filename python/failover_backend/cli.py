@@ -20,6 +20,7 @@ from typing import Any
 from .backend import StandbyBackend
 from .config import load_config, parse_port
 from .errors import ConfigError, FailoverError
+from .metrics import parse_listen
 from .remote import MigrateArgs, cancel_command, migrate_command, status_command
 from .run import run_vm
 from .serve import serve
@@ -85,6 +86,14 @@ def _mode(value: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"expected permission bits up to 0777, got {value}")
     return mode
+
+
+def _listen(value: str) -> str:
+    try:
+        parse_listen(value)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return value
 
 
 def _power_of_two(value: str) -> int:
@@ -154,6 +163,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--socket-group", help="group of the socket, by name or id (QEMU's, libvirt's)"
     )
     serve_cmd.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="serve Prometheus metrics (per-queue counters, connection, features) there",
+    )
+    serve_cmd.add_argument(
         "--handshake-timeout",
         type=_positive,
         default=5.0,
@@ -171,6 +186,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         ),
     )
     run_cmd.add_argument("--config", required=True, type=Path, help="VM configuration (TOML)")
+    run_cmd.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        type=_listen,
+        help="serve Prometheus metrics of every pair's backend there",
+    )
 
     migrate_cmd = add_command(
         "migrate",
@@ -197,6 +218,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--no-announce", action="store_true", help="skip announce-self on the target"
     )
     migrate_cmd.add_argument(
+        "--json",
+        action="store_true",
+        help="the report and timeline as one JSON object on stdout (progress on stderr)",
+    )
+    migrate_cmd.add_argument(
         "--force",
         action="store_true",
         help="migrate even when a source standby's backend is disconnected (no failover path)",
@@ -211,6 +237,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     status_cmd.add_argument("--standby", help="only this standby (default: every pair)")
     status_cmd.add_argument(
         "--timeout", type=_positive, default=5.0, help="wait for QEMU this long (default 5 s)"
+    )
+    status_cmd.add_argument(
+        "--json", action="store_true", help="one JSON object on stdout, for scripts"
     )
 
     cancel_cmd = add_command(
@@ -251,7 +280,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         socket_group=args.socket_group,
         handshake_timeout=args.handshake_timeout,
     )
-    return asyncio.run(serve(backend))
+    return asyncio.run(serve(backend, args.metrics))
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -269,7 +298,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         if args.command == "serve":
             return _run_serve(args)
         if args.command == "run":
-            return asyncio.run(run_vm(load_config(args.config)))
+            return asyncio.run(run_vm(load_config(args.config), args.metrics))
         if args.command == "migrate":
             return asyncio.run(
                 migrate_command(
@@ -281,11 +310,14 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
                         timeout=args.timeout,
                         announce=not args.no_announce,
                         force=args.force,
+                        as_json=args.json,
                     )
                 )
             )
         if args.command == "status":
-            return asyncio.run(status_command(args.qmp, args.standby, args.timeout))
+            return asyncio.run(
+                status_command(args.qmp, args.standby, args.timeout, as_json=args.json)
+            )
         if args.command == "cancel":
             return asyncio.run(cancel_command(args.qmp, args.timeout))
         if args.command == "demo":

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from .backend import StandbyBackend
 from .errors import MonitorError
@@ -73,6 +74,24 @@ class PairStatus:
         if self.steering is not None:
             lines.append(f"steering:  {self.steering}")
         return lines
+
+    def to_json(self) -> dict[str, Any]:
+        """The same facts for scripts (``status --json``)."""
+        return {
+            "vm": self.run_state,
+            "standby": self.standby_id,
+            "standby_negotiated": self.standby_negotiated,
+            "primary": {"id": self.primary_id, "state": self.primary_state},
+            "migration": self.migration,
+            "backend": {
+                "qemu_side": self.backend_link.state,
+                "socket": self.backend_link.socket,
+                "listening": self.backend_link.listening,
+                "backend_side": self.backend_state,
+            },
+            "steering": self.steering,
+            "healthy": self.healthy,
+        }
 
     @property
     def healthy(self) -> bool:

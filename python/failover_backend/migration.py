@@ -113,6 +113,33 @@ class MigrationReport:
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
+    def to_json(self) -> dict[str, Any]:
+        """The report and its timeline for scripts (``migrate --json``); times are
+        seconds since the first entry."""
+        start = self.timeline.entries[0].time if self.timeline.entries else 0.0
+        return {
+            "status": self.status,
+            "pairs": self.pairs,
+            "total_time_ms": self.total_time_ms,
+            "downtime_ms": self.downtime_ms,
+            "wait_unplug_s": self.wait_unplug_s,
+            "primary_plugged_before_resume": self.primary_plugged_before_resume,
+            "source_primary_back": self.source_primary_back,
+            "target_exited_s": None
+            if self.target_exited_at is None
+            else round(self.target_exited_at - start, 3),
+            "problems": self.problems,
+            "timeline": [
+                {
+                    "t": round(entry.time - start, 3),
+                    "source": entry.source,
+                    "what": entry.what,
+                    "detail": entry.detail,
+                }
+                for entry in self.timeline.entries
+            ],
+        }
+
 
 @dataclass
 class MigrationOptions:

@@ -10,6 +10,7 @@ second ``-qmp`` socket for these commands.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +38,27 @@ class MigrateArgs:
     timeout: float = 600.0
     announce: bool = True
     force: bool = False
+    as_json: bool = False
+    """The report as one JSON object on stdout; progress goes to stderr."""
 
 
 def _progress(line: str) -> None:
     print(f"  {line}", flush=True)
 
 
+def _progress_to_stderr(line: str) -> None:
+    print(f"  {line}", file=sys.stderr, flush=True)
+
+
 def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def print_report(report: MigrationReport | None) -> None:
+def print_report(report: MigrationReport | None, as_json: bool = False) -> None:
     if report is None:
+        return
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2), flush=True)
         return
     print("\n" + report.timeline.table())
     print("\n" + report.summary(), flush=True)
@@ -74,14 +84,14 @@ async def migrate_command(args: MigrateArgs) -> int:
                 force=args.force,
             ),
             timeline=timeline,
-            progress=_progress,
+            progress=_progress_to_stderr if args.as_json else _progress,
         )
-        print(f"migrating to {args.uri}", flush=True)
+        print(f"migrating to {args.uri}", file=sys.stderr if args.as_json else sys.stdout)
         report = await migration.run()
-        print_report(report)
+        print_report(report, args.as_json)
         return 0
     except MigrationError as err:
-        print_report(err.report)
+        print_report(err.report, args.as_json)
         _error(str(err))
         return 1
     except MonitorError as err:
@@ -92,22 +102,26 @@ async def migrate_command(args: MigrateArgs) -> int:
             await session.close()
 
 
-async def status_command(qmp_path: Path, standby: str | None, timeout: float = 5.0) -> int:
-    """Every failover pair of the VM (or just ``standby``); 1 when a pair cannot fail
-    over (its standby's backend is disconnected)."""
+async def status_command(
+    qmp_path: Path, standby: str | None, timeout: float = 5.0, as_json: bool = False
+) -> int:
+    """Every failover pair of the VM (or just ``standby``), as text or as one JSON
+    object; 1 when a pair cannot fail over (its standby's backend is disconnected)."""
     qmp = QmpSession("vm")
     try:
         await qmp.connect(qmp_path, timeout)
         standbys = [standby] if standby else sorted(await failover_pairs(qmp))
-        if not standbys:
+        pairs = [await FailoverController(qmp, standby_id).status() for standby_id in standbys]
+        healthy = all(pair.healthy for pair in pairs)
+        if as_json:
+            document = {"pairs": [pair.to_json() for pair in pairs], "healthy": healthy}
+            print(json.dumps(document, indent=2), flush=True)
+        elif not pairs:
             print("VM has no failover standby (virtio-net-pci with failover=on)")
-            return 0
-        healthy = True
-        for index, standby_id in enumerate(standbys):
-            status = await FailoverController(qmp, standby_id).status()
-            lines = status.lines()
-            print("\n".join(lines if index == 0 else lines[1:]), flush=True)
-            healthy &= status.healthy
+        else:
+            for index, pair in enumerate(pairs):
+                lines = pair.lines()
+                print("\n".join(lines if index == 0 else lines[1:]), flush=True)
         return 0 if healthy else 1
     except MonitorError as err:
         _error(str(err))

@@ -17,6 +17,7 @@ from .config import PairSection, RunConfig
 from .controller import FailoverController
 from .errors import FailoverError, NegotiationTimeout
 from .lifecycle import EXIT_FAILURE, EXIT_OK, VmEnd, enable_migration_events, follow_vm
+from .metrics import Served, serve_metrics
 from .primary import Primary
 from .qmp import QmpSession
 from .serve import log_events
@@ -75,8 +76,9 @@ async def _first_failure(pairs: tuple[PairSection, ...], backends: list[StandbyB
             task.cancel()
 
 
-async def run_vm(config: RunConfig) -> int:
-    """Serve and manage until the VM's life here ends or a stop signal comes.
+async def run_vm(config: RunConfig, metrics: str | None = None) -> int:
+    """Serve and manage until the VM's life here ends or a stop signal comes;
+    ``metrics``: ``HOST:PORT`` of a Prometheus endpoint for every pair's backend.
 
     :raise FailoverError: When a backend cannot start (nothing was left running).
     """
@@ -102,6 +104,9 @@ async def run_vm(config: RunConfig) -> int:
                 + shlex.join(backend.qemu_args(pair.standby)),
                 flush=True,
             )
+        if metrics is not None:
+            served = [Served(pair.standby, b) for pair, b in zip(config.pairs, backends)]
+            serve_metrics(metrics, served)
         logger.info("waiting for QEMU's QMP socket %s", config.qemu.qmp)
         stopped = stop_signal = asyncio.ensure_future(stop.wait())
         connect = asyncio.ensure_future(qmp.connect(config.qemu.qmp, config.timeouts.qmp))

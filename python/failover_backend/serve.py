@@ -9,6 +9,7 @@ import signal
 import sys
 
 from .backend import StandbyBackend
+from .metrics import Served, serve_metrics
 
 logger = logging.getLogger("failover_backend.serve")
 
@@ -22,15 +23,21 @@ async def log_events(backend: StandbyBackend, label: str | None = None) -> None:
         logger.log(level, "%s%s", prefix, event.message)
 
 
-async def serve(backend: StandbyBackend) -> int:
+async def serve(backend: StandbyBackend, metrics: str | None = None) -> int:
     """Serve until a stop signal (0) or until the device cannot serve any more (1, with
     the cause, so a supervisor restarts it); prints the QEMU arguments first and the
-    counters last."""
+    counters last. ``metrics``: ``HOST:PORT`` of a Prometheus endpoint to serve."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     backend.start()
+    if metrics is not None:
+        try:
+            serve_metrics(metrics, [Served(backend.socket_path, backend)])
+        except BaseException:
+            backend.stop()
+            raise
     watcher = asyncio.create_task(log_events(backend))
     code, failure = 0, ""
     try:
