@@ -270,10 +270,10 @@ def bench(
                     wait_quiet()
                     # A fresh path each run: a killed testpmd leaves its socket behind.
                     socket = workdir / f"{round_no}-{case_no}-{backend}.sock"
+                    rss: list[int] = []
                     if backend == "standby":
                         port = mode.standby_port.format(size=case.size, tap=tap)
                         with standby_backend(socket, port, case.queues, poll_us) as proc:
-                            rss: list[int] = []
 
                             def sample(pid: int = proc.pid, into: list[int] = rss) -> None:
                                 into.append(rss_kib(pid))
@@ -289,18 +289,6 @@ def bench(
                                 in_order,
                                 sample,
                             )
-                        result = Result(
-                            case.name,
-                            case.mode,
-                            case.size,
-                            case.queues,
-                            backend,
-                            round_no + 1,
-                            mpps,
-                            idle,
-                            load,
-                            *rss,
-                        )
                     else:
                         with dpdk_vhost(binary, socket, mode, case, tap) as pmd:
                             mpps, idle, load = run_frontend(
@@ -313,17 +301,19 @@ def bench(
                                 warmup,
                                 in_order,
                             )
-                        result = Result(
-                            case.name,
-                            case.mode,
-                            case.size,
-                            case.queues,
-                            backend,
-                            round_no + 1,
-                            mpps,
-                            idle,
-                            load,
-                        )
+                    # DPDK's RSS is not sampled: its fields stay None.
+                    result = Result(
+                        case.name,
+                        case.mode,
+                        case.size,
+                        case.queues,
+                        backend,
+                        round_no + 1,
+                        mpps,
+                        idle,
+                        load,
+                        *rss,
+                    )
                     results.append(result)
                     progress(
                         f"round {round_no + 1} {case.name} {backend}: {mpps:.2f} Mpps,"

@@ -532,7 +532,6 @@ impl RxVirtio {
                 self.give_back(cursor);
                 return Placement::NoBuffers(available);
             };
-            let first_piece = self.pieces.len();
             match walk_chain(ring, head, rules, &mut self.pieces) {
                 Ok(chain_capacity) => {
                     self.chains.push(TakenChain {
@@ -545,7 +544,6 @@ impl RxVirtio {
                     // The ring cannot be rewound past a chain that is completed, so the
                     // buffers taken before the bad one go back empty, then the bad one.
                     // Guests drop used buffers shorter than a header.
-                    self.pieces.truncate(first_piece);
                     for taken in self.chains.drain(..) {
                         self.used.push(taken.head, 0);
                     }
