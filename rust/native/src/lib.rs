@@ -1,52 +1,44 @@
 //! `failover_backend._native`: the standby device as a Python object.
 //!
-//! Wrappers only. Every call that can wait (stop, event and state waits) releases
-//! the GIL, so the datapath threads, which may log through Python, never wait on
-//! a thread that holds it.
+//! Wrappers only. Every call that can wait (start, stop, announcements) releases the
+//! GIL, so the datapath threads, which may log through Python, never wait on a thread
+//! that holds it. Python waits for changes on `change_fd`, in its event loop.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, UNIX_EPOCH};
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use pyo3::{create_exception, import_exception};
 use standby_net::{
-    describe, virtio_net, BackendConfig, ConnectionState, Deadlines, DeviceEvent, DeviceHandle,
-    MacAddr, PortSpec, Server, ServerError, SocketAccess, SteeringMode, TimedEvent,
+    describe, virtio_net, DeviceEvent, DeviceHandle, Server, ServerError, Settings, SteeringMode,
+    TimedEvent,
 };
+
+// The package's own class, so Python code catches one `BackendError` whoever raised it.
+import_exception!(failover_backend.errors, BackendError);
 
 create_exception!(
     _native,
-    BackendError,
-    PyException,
-    "The standby backend could not do what was asked (socket, port, announcement)."
+    SettingError,
+    PyValueError,
+    "A backend setting breaks its rule: args are (setting, rule)."
 );
 
 /// The one place core errors become Python exceptions: configuration mistakes are
-/// `ValueError`, everything else `BackendError`; the message carries the whole cause chain.
+/// `SettingError`, everything else `BackendError`; the message carries the whole cause chain.
 fn to_py_err(err: ServerError) -> PyErr {
     if let ServerError::InvalidConfig(config) = &err {
-        // "field: what is wrong", so Python can name the field.
-        return PyValueError::new_err(config.to_string());
+        return config_err(config);
     }
     BackendError::new_err(standby_net::describe_chain(&err))
 }
 
-fn config_err(err: standby_net::ConfigError) -> PyErr {
-    to_py_err(ServerError::InvalidConfig(err))
-}
-
-fn parse_state(name: &str) -> PyResult<ConnectionState> {
-    Ok(match name {
-        "stopped" => ConnectionState::Stopped,
-        "listening" => ConnectionState::Listening,
-        "connecting" => ConnectionState::Connecting,
-        "connected" => ConnectionState::Connected,
-        "failed" => ConnectionState::Failed,
-        other => return Err(PyValueError::new_err(format!("unknown state {other:?}"))),
-    })
+/// `SettingError(setting, rule)`: Python names the setting as its user wrote it.
+fn config_err(err: &standby_net::ConfigError) -> PyErr {
+    SettingError::new_err((err.setting(), err.to_string()))
 }
 
 fn event_dict<'py>(py: Python<'py>, timed: &TimedEvent) -> PyResult<Bound<'py, PyDict>> {
@@ -112,38 +104,30 @@ impl NativeBackend {
         socket_path: PathBuf,
         port: &str,
         mac: Option<&str>,
-        queues: u16,
+        queues: i64,
         client: bool,
-        queue_size: u16,
-        mtu: u16,
-        poll_us: u32,
-        socket_mode: u32,
+        queue_size: i64,
+        mtu: i64,
+        poll_us: i64,
+        socket_mode: i64,
         socket_group: Option<u32>,
         handshake_timeout: f64,
     ) -> PyResult<Self> {
-        let port: PortSpec = port.parse().map_err(config_err)?;
-        let mut config = BackendConfig::new(socket_path, port);
-        if let Some(mac) = mac {
-            config.mac = mac.parse::<MacAddr>().map_err(config_err)?;
+        let config = Settings {
+            socket_path,
+            port: port.to_string(),
+            mac: mac.map(str::to_string),
+            queues,
+            client,
+            queue_size,
+            mtu,
+            poll_us,
+            socket_mode,
+            socket_group,
+            handshake_timeout,
         }
-        config.queue_pairs = queues;
-        config.client = client;
-        config.max_queue_size = queue_size;
-        config.mtu = mtu;
-        config.poll_us = poll_us;
-        config.socket_access = SocketAccess {
-            mode: socket_mode,
-            group: socket_group,
-        };
-        let deadline = Duration::try_from_secs_f64(handshake_timeout).map_err(|_| {
-            PyValueError::new_err(format!(
-                "handshake timeout: expected seconds, got {handshake_timeout}"
-            ))
-        })?;
-        config.deadlines = Deadlines {
-            handshake: deadline,
-            message: deadline,
-        };
+        .into_config()
+        .map_err(|e| config_err(&e))?;
         let server = py.detach(|| Server::new(config)).map_err(to_py_err)?;
         Ok(Self {
             device: server.handle(),
@@ -237,38 +221,24 @@ impl NativeBackend {
         Ok(dict)
     }
 
-    /// Events from sequence number `since` on, waiting up to `timeout` seconds for
-    /// the first; returns them with the number to pass next time.
-    #[pyo3(signature = (since = 0, timeout = 0.0))]
-    fn events<'py>(
-        &self,
-        py: Python<'py>,
-        since: u64,
-        timeout: f64,
-    ) -> PyResult<(Vec<Bound<'py, PyDict>>, u64)> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let (events, next) = py.detach(|| self.device.events_since(since, timeout));
+    /// An eventfd (non-blocking) that becomes readable after every change of state,
+    /// negotiation or events; drain it (read 8 bytes) before reading what changed.
+    /// Owned by this object: duplicate it to keep it past this object's life.
+    #[getter]
+    fn change_fd(&self) -> i32 {
+        self.device.change_fd()
+    }
+
+    /// Events from sequence number `since` on, with the number to pass next time
+    /// (wait for them on `change_fd`).
+    #[pyo3(signature = (since = 0))]
+    fn events<'py>(&self, py: Python<'py>, since: u64) -> PyResult<(Vec<Bound<'py, PyDict>>, u64)> {
+        let (events, next) = self.device.events_since(since, Duration::ZERO);
         let dicts = events
             .iter()
             .map(|event| event_dict(py, event))
             .collect::<PyResult<_>>()?;
         Ok((dicts, next))
-    }
-
-    /// Wait up to `timeout` seconds for one of `states`; returns the state reached.
-    fn wait_state(
-        &self,
-        py: Python<'_>,
-        states: Vec<String>,
-        timeout: f64,
-    ) -> PyResult<&'static str> {
-        let wanted = states
-            .iter()
-            .map(|s| parse_state(s))
-            .collect::<PyResult<Vec<_>>>()?;
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let state = py.detach(|| self.device.wait_state(timeout, |s| wanted.contains(&s)));
-        Ok(state.as_str())
     }
 
     /// Send `count` RARP announcements of the guest's MAC on the host port.
@@ -331,13 +301,42 @@ fn protocol_feature_names(features: u64) -> Vec<&'static str> {
     virtio_net::protocol_feature_names(features)
 }
 
-/// The host port `spec` in its canonical spelling; `ValueError` ("port: ...") when it
-/// is not one. The CLI and the TOML loader check ports here, with the core's rules.
+/// Check backend settings without opening anything: `(port, mac)` in their canonical
+/// spelling (`mac` `None` when not given), or `SettingError(setting, rule)`. The CLI
+/// and the TOML loader check here, with the rules `NativeBackend` applies.
 #[pyfunction]
-fn parse_port(spec: &str) -> PyResult<String> {
-    spec.parse::<PortSpec>()
-        .map(|port| port.to_string())
-        .map_err(config_err)
+// One parameter per Python keyword argument.
+#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (socket_path, *, port = "null", mac = None, queues = 1, client = false, queue_size = 1024, mtu = 1500, poll_us = 50, socket_mode = 0o600, socket_group = None, handshake_timeout = 5.0))]
+fn check_settings(
+    socket_path: PathBuf,
+    port: &str,
+    mac: Option<&str>,
+    queues: i64,
+    client: bool,
+    queue_size: i64,
+    mtu: i64,
+    poll_us: i64,
+    socket_mode: i64,
+    socket_group: Option<u32>,
+    handshake_timeout: f64,
+) -> PyResult<(String, Option<String>)> {
+    let config = Settings {
+        socket_path,
+        port: port.to_string(),
+        mac: mac.map(str::to_string),
+        queues,
+        client,
+        queue_size,
+        mtu,
+        poll_us,
+        socket_mode,
+        socket_group,
+        handshake_timeout,
+    }
+    .into_config()
+    .map_err(|e| config_err(&e))?;
+    Ok((config.port.to_string(), mac.map(|_| config.mac.to_string())))
 }
 
 #[pymodule]
@@ -345,10 +344,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Rust log records go to Python's `logging` (logger names follow the Rust modules).
     let _ = pyo3_log::try_init();
     m.add_class::<NativeBackend>()?;
-    m.add("BackendError", m.py().get_type::<BackendError>())?;
     m.add_function(wrap_pyfunction!(feature_names, m)?)?;
     m.add_function(wrap_pyfunction!(protocol_feature_names, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_port, m)?)?;
+    m.add_function(wrap_pyfunction!(check_settings, m)?)?;
+    m.add("SettingError", m.py().get_type::<SettingError>())?;
     m.add("F_STANDBY", virtio_net::F_STANDBY)?;
     m.add("F_LOG_ALL", virtio_net::F_LOG_ALL)?;
     m.add("F_MRG_RXBUF", virtio_net::F_MRG_RXBUF)?;

@@ -19,6 +19,10 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// Ring size advertised as the maximum; frontends pick any power of two up to it.
 pub const DEFAULT_MAX_QUEUE_SIZE: u16 = 1024;
 pub const DEFAULT_MTU: u16 = 1500;
+/// The smallest MTU an IPv4 host must take (RFC 791), as Linux's minimum.
+pub const MIN_MTU: u16 = 68;
+/// The largest a TAP (and virtio-net's config field) can carry.
+pub const MAX_MTU: u16 = 65535;
 /// How long a worker keeps polling its rings after the last frame moved, in µs:
 /// longer than the gap between a busy guest's batches, short enough that a quiet
 /// guest costs no CPU.
@@ -26,34 +30,52 @@ pub const DEFAULT_POLL_US: u32 = 50;
 /// Longest polling budget accepted (one second of a busy CPU per quiet spell).
 pub const MAX_POLL_US: u32 = 1_000_000;
 
+/// A setting that breaks its rule. The message is the rule alone; [`Self::setting`]
+/// names the setting, so each surface (command line, TOML, Python) can name it the
+/// way its user wrote it.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error(
-        "port: expected null, sink, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N], got {0:?}"
-    )]
+    #[error("expected null, sink, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N], got {0:?}")]
     UnknownPort(String),
-    #[error("port: gen {0}")]
+    #[error("gen {0}")]
     BadGenerator(String),
-    #[error("port: TAP name {0:?} must be 1 to 15 characters without '/' or whitespace")]
+    #[error("TAP name {0:?} must be 1 to 15 characters without '/' or whitespace")]
     BadTapName(String),
-    #[error("mac: expected six hex octets like 52:54:00:12:34:56, got {0:?}")]
+    #[error("expected six hex octets like 52:54:00:12:34:56, got {0:?}")]
     BadMac(String),
-    #[error("mac: {0} is a multicast address; a NIC needs a unicast one")]
+    #[error("{0} is a multicast address; a NIC needs a unicast one")]
     MulticastMac(MacAddr),
-    #[error("queues: must be between 1 and {MAX_QUEUE_PAIRS}, got {0}")]
-    BadQueuePairs(u16),
-    #[error("queue size: must be a power of two between 64 and 32768, got {0}")]
-    BadQueueSize(u16),
-    #[error("mtu: must be between 68 and 65535, got {0}")]
-    BadMtu(u16),
-    #[error("poll_us: must be between 0 (never poll) and {MAX_POLL_US}, got {0}")]
-    BadPollUs(u32),
-    #[error("socket: path is empty")]
+    #[error("must be between 1 and {MAX_QUEUE_PAIRS}, got {0}")]
+    BadQueuePairs(i64),
+    #[error("must be a power of two between 64 and 32768, got {0}")]
+    BadQueueSize(i64),
+    #[error("must be between {MIN_MTU} and {MAX_MTU}, got {0}")]
+    BadMtu(i64),
+    #[error("must be between 0 (never poll) and {MAX_POLL_US}, got {0}")]
+    BadPollUs(i64),
+    #[error("must not be empty")]
     EmptySocketPath,
-    #[error("socket mode: expected permission bits up to 0777, got {0:o}")]
-    BadSocketMode(u32),
-    #[error("handshake timeout: must be more than 0 and at most 1 hour, got {0:?}")]
-    BadDeadline(std::time::Duration),
+    #[error("expected permission bits up to 0o777, got {0:#o}")]
+    BadSocketMode(i64),
+    #[error("must be more than 0 and at most 3600 seconds, got {0}")]
+    BadHandshakeTimeout(String),
+}
+
+impl ConfigError {
+    /// The setting at fault, as [`Settings`] (and the Python API) names it.
+    pub fn setting(&self) -> &'static str {
+        match self {
+            Self::UnknownPort(_) | Self::BadGenerator(_) | Self::BadTapName(_) => "port",
+            Self::BadMac(_) | Self::MulticastMac(_) => "mac",
+            Self::BadQueuePairs(_) => "queues",
+            Self::BadQueueSize(_) => "queue_size",
+            Self::BadMtu(_) => "mtu",
+            Self::BadPollUs(_) => "poll_us",
+            Self::EmptySocketPath => "socket_path",
+            Self::BadSocketMode(_) => "socket_mode",
+            Self::BadHandshakeTimeout(_) => "handshake_timeout",
+        }
+    }
 }
 
 /// The host side of the device: where guest frames go and where frames for the guest come from.
@@ -249,6 +271,88 @@ impl fmt::Display for MacAddr {
     }
 }
 
+/// A backend's settings as a user gives them, numbers not yet narrowed to the
+/// device's types: every surface (the command line, the TOML file, the Python API)
+/// hands them here, so each rule is written once and each message reads the same.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub socket_path: PathBuf,
+    pub port: String,
+    /// `None`: a random locally administered address.
+    pub mac: Option<String>,
+    pub queues: i64,
+    pub client: bool,
+    pub queue_size: i64,
+    pub mtu: i64,
+    pub poll_us: i64,
+    pub socket_mode: i64,
+    pub socket_group: Option<u32>,
+    /// Seconds.
+    pub handshake_timeout: f64,
+}
+
+impl Settings {
+    /// The defaults, on `socket_path`.
+    pub fn new(socket_path: impl Into<PathBuf>) -> Self {
+        Self {
+            socket_path: socket_path.into(),
+            port: "null".into(),
+            mac: None,
+            queues: 1,
+            client: false,
+            queue_size: DEFAULT_MAX_QUEUE_SIZE.into(),
+            mtu: DEFAULT_MTU.into(),
+            poll_us: DEFAULT_POLL_US.into(),
+            socket_mode: 0o600,
+            socket_group: None,
+            handshake_timeout: Deadlines::default().handshake.as_secs_f64(),
+        }
+    }
+
+    /// Check every setting against its rule; the first one broken is reported.
+    pub fn into_config(self) -> Result<BackendConfig, ConfigError> {
+        let port: PortSpec = self.port.parse()?;
+        let mut config = BackendConfig::new(self.socket_path, port);
+        if let Some(mac) = &self.mac {
+            config.mac = mac.parse()?;
+        }
+        config.client = self.client;
+        config.queue_pairs = narrow(self.queues, 1, MAX_QUEUE_PAIRS.into())
+            .ok_or(ConfigError::BadQueuePairs(self.queues))?;
+        config.max_queue_size = narrow(self.queue_size, 64, 32768)
+            .filter(|size: &u16| size.is_power_of_two())
+            .ok_or(ConfigError::BadQueueSize(self.queue_size))?;
+        config.mtu = narrow(self.mtu, MIN_MTU.into(), MAX_MTU.into())
+            .ok_or(ConfigError::BadMtu(self.mtu))?;
+        config.poll_us = narrow(self.poll_us, 0, MAX_POLL_US.into())
+            .ok_or(ConfigError::BadPollUs(self.poll_us))?;
+        config.socket_access = SocketAccess {
+            mode: narrow(self.socket_mode, 0, 0o777)
+                .ok_or(ConfigError::BadSocketMode(self.socket_mode))?,
+            group: self.socket_group,
+        };
+        let timeout = self.handshake_timeout;
+        let deadline = (timeout > 0.0 && timeout <= MAX_DEADLINE.as_secs_f64())
+            .then(|| std::time::Duration::try_from_secs_f64(timeout).ok())
+            .flatten()
+            .ok_or_else(|| ConfigError::BadHandshakeTimeout(timeout.to_string()))?;
+        config.deadlines = Deadlines {
+            handshake: deadline,
+            message: deadline,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// `value` in `low..=high`, as the narrower type.
+fn narrow<T: TryFrom<i64>>(value: i64, low: i64, high: i64) -> Option<T> {
+    (low..=high)
+        .contains(&value)
+        .then(|| T::try_from(value).ok())
+        .flatten()
+}
+
 /// Everything needed to run one standby device.
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
@@ -293,26 +397,28 @@ impl BackendConfig {
             return Err(ConfigError::EmptySocketPath);
         }
         if self.queue_pairs == 0 || self.queue_pairs > MAX_QUEUE_PAIRS {
-            return Err(ConfigError::BadQueuePairs(self.queue_pairs));
+            return Err(ConfigError::BadQueuePairs(self.queue_pairs.into()));
         }
         if !self.max_queue_size.is_power_of_two() || self.max_queue_size < 64 {
-            return Err(ConfigError::BadQueueSize(self.max_queue_size));
+            return Err(ConfigError::BadQueueSize(self.max_queue_size.into()));
         }
-        if self.mtu < 68 {
-            return Err(ConfigError::BadMtu(self.mtu));
+        if self.mtu < MIN_MTU {
+            return Err(ConfigError::BadMtu(self.mtu.into()));
         }
         if self.poll_us > MAX_POLL_US {
-            return Err(ConfigError::BadPollUs(self.poll_us));
+            return Err(ConfigError::BadPollUs(self.poll_us.into()));
         }
         if self.mac.is_multicast() {
             return Err(ConfigError::MulticastMac(self.mac));
         }
         if self.socket_access.mode > 0o777 {
-            return Err(ConfigError::BadSocketMode(self.socket_access.mode));
+            return Err(ConfigError::BadSocketMode(self.socket_access.mode.into()));
         }
         for deadline in [self.deadlines.handshake, self.deadlines.message] {
             if deadline.is_zero() || deadline > MAX_DEADLINE {
-                return Err(ConfigError::BadDeadline(deadline));
+                return Err(ConfigError::BadHandshakeTimeout(
+                    deadline.as_secs_f64().to_string(),
+                ));
             }
         }
         Ok(())
@@ -363,7 +469,7 @@ mod tests {
             ("gen:64,rate=1,rate=2", "option rate given twice"),
         ] {
             let message = spec.parse::<PortSpec>().unwrap_err().to_string();
-            assert!(message.starts_with("port: gen "), "{spec}: {message}");
+            assert!(message.starts_with("gen "), "{spec}: {message}");
             assert!(message.contains(says), "{spec}: {message}");
         }
     }
@@ -432,7 +538,42 @@ mod tests {
         config.poll_us = MAX_POLL_US + 1;
         assert_eq!(
             config.validate(),
-            Err(ConfigError::BadPollUs(MAX_POLL_US + 1))
+            Err(ConfigError::BadPollUs(i64::from(MAX_POLL_US) + 1))
         );
+    }
+
+    #[test]
+    fn settings_are_checked_wide_and_name_themselves() {
+        let bad = |change: fn(&mut Settings)| {
+            let mut settings = Settings::new("/tmp/x.sock");
+            change(&mut settings);
+            let err = settings.into_config().unwrap_err();
+            (err.setting(), err.to_string())
+        };
+        assert!(Settings::new("/tmp/x.sock").into_config().is_ok());
+        // Past the device's own types too: 70000 is no u16, -1 no u32.
+        assert_eq!(
+            bad(|s| s.mtu = 70_000),
+            ("mtu", "must be between 68 and 65535, got 70000".into())
+        );
+        assert_eq!(bad(|s| s.poll_us = -1).0, "poll_us");
+        assert_eq!(bad(|s| s.queues = 17).0, "queues");
+        assert_eq!(bad(|s| s.queue_size = 1000).0, "queue_size");
+        assert_eq!(bad(|s| s.queue_size = 65536).0, "queue_size");
+        assert_eq!(
+            bad(|s| s.socket_mode = 0o1000),
+            (
+                "socket_mode",
+                "expected permission bits up to 0o777, got 0o1000".into()
+            )
+        );
+        assert_eq!(
+            bad(|s| s.handshake_timeout = f64::NAN).0,
+            "handshake_timeout"
+        );
+        assert_eq!(bad(|s| s.handshake_timeout = 0.0).0, "handshake_timeout");
+        assert_eq!(bad(|s| s.port = "tap:a/b".into()).0, "port");
+        assert_eq!(bad(|s| s.mac = Some("01:00:5e:00:00:01".into())).0, "mac");
+        assert_eq!(bad(|s| s.socket_path = PathBuf::new()).0, "socket_path");
     }
 }

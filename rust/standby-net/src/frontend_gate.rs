@@ -597,9 +597,14 @@ impl Limits {
                         "SET_VRING_BASE for ring {index} of {}",
                         self.num_queues
                     ))
-                } else if num > u32::from(u16::MAX) {
+                } else if num > u32::from(u16::MAX) && num >> 16 != num & 0xffff {
+                    // A packed ring's base may carry the used position and wrap counter
+                    // in bits 16–31 (QEMU sends them). This device completes every chain
+                    // before it stops a ring, so they must equal the available ones.
                     Some(format!(
-                        "SET_VRING_BASE {num} for ring {index}: a split ring index is 16 bits"
+                        "SET_VRING_BASE {num} for ring {index}: a ring index is 16 bits \
+                         (a packed ring's used half must equal its available half: this \
+                         device keeps no chain in flight)"
                     ))
                 } else {
                     None
@@ -709,6 +714,20 @@ mod tests {
         let mut body = vec![0u8; header.size as usize];
         from.read_exact(&mut body).unwrap();
         (header, body)
+    }
+
+    #[test]
+    fn a_packed_ring_base_passes_only_with_nothing_in_flight() {
+        let base = |num: u32| {
+            LIMITS.refusal(
+                FrontendReq::SET_VRING_BASE,
+                VhostUserVringState::new(1, num).as_slice(),
+            )
+        };
+        assert_eq!(base(0x8000), None, "DPDK: position 0, wrap counter 1");
+        assert_eq!(base(0x8000_8000), None, "QEMU: the used half equals it");
+        assert!(base(0x8001_8000).is_some(), "a chain in flight");
+        assert!(base(70000).is_some());
     }
 
     #[test]

@@ -46,9 +46,10 @@ fn vring(mem: &GuestMemoryAtomic<GuestMemory>, ring: u64, event_idx: bool) -> Op
 
 /// Walk whatever descriptor tables and available rings `data` lays out, both ways,
 /// through a loop port: the first byte picks the negotiated options (event index,
-/// mergeable receive buffers, header length) and whether kicks are re-armed, the rest fills guest memory from the
-/// start (rings, then buffers), so descriptors point at rings, buffers, indirect
-/// tables, or past the end.
+/// mergeable receive buffers, header length, split or packed rings and the packed
+/// wrap counter to start with) and whether kicks are re-armed, the rest fills guest
+/// memory from the start (rings, then buffers), so descriptors point at rings,
+/// buffers, indirect tables, or past the end.
 pub fn walk_rings(data: &[u8]) {
     let Some((&options, rest)) = data.split_first() else {
         return;
@@ -68,6 +69,11 @@ pub fn walk_rings(data: &[u8]) {
     ) else {
         return;
     };
+    if options & 32 != 0 {
+        // A packed ring in its driver's first round (a split ring at index 0x8000).
+        rx.set_queue_next_avail(0x8000);
+        tx.set_queue_next_avail(0x8000);
+    }
     let link = LinkParams {
         vnet_hdr_len: if options & 4 != 0 {
             VNET_HDR_LEN_V1
@@ -75,6 +81,7 @@ pub fn walk_rings(data: &[u8]) {
             10
         },
         mergeable_rx: options & 2 != 0,
+        packed_ring: options & 16 != 0,
     };
     let port: SharedPort = Arc::new(Mutex::new(Box::<LoopPort>::default()));
     let mut pair = QueuePair::new(0, port, Arc::new(DeviceCounters::new(2)));

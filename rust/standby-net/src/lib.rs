@@ -45,7 +45,9 @@ pub mod virtio_net;
 use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-pub use config::{BackendConfig, ConfigError, GenSpec, MacAddr, PortSpec, MAX_QUEUE_PAIRS};
+pub use config::{
+    BackendConfig, ConfigError, GenSpec, MacAddr, PortSpec, Settings, MAX_QUEUE_PAIRS,
+};
 pub use connection::describe_chain;
 pub use dirty_log::DirtyLog;
 pub use frontend_gate::Deadlines;

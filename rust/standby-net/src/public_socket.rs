@@ -5,7 +5,10 @@
 //! socket are refused, naming the path. The socket is created under a temporary
 //! name beside it, given its mode (0600 unless asked otherwise, whatever the umask)
 //! and group, and only then renamed into place: nobody can connect before its
-//! permissions are right.
+//! permissions are right. The temporary name is `.NAME.fbPID.N` for a socket `NAME`:
+//! the kernel keeps listing a listening socket under the name it was bound at
+//! (`/proc/net/unix`), so a tool that asks whether something listens at `NAME`
+//! without connecting looks for that name too.
 
 use std::fs::{self, Permissions};
 use std::io;
@@ -144,7 +147,8 @@ fn clear(path: &Path, display: &str) -> Result<(), BindError> {
 fn temporary_beside(path: &Path) -> Option<PathBuf> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = format!(
-        ".fb{:x}.{}",
+        ".{}.fb{:x}.{}",
+        path.file_name()?.to_string_lossy(),
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     );

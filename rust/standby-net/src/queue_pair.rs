@@ -16,12 +16,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard};
 
 use crate::guest_ring::{
-    walk_chain, ChainError, ChainRules, MappedMemory, Piece, RingLayout, RingPlacement,
-    RingPlacementError, RingView,
+    walk_chain, walk_packed_chain, ChainError, ChainRules, MappedMemory, PackedRingView, Piece,
+    RingLayout, RingPlacement, RingPlacementError, RingView,
 };
 use crate::port::{GuestFrame, Port, SharedPort, TxOutcome};
 use crate::stats::{CounterDelta, DeviceCounters};
-use crate::used_ring::{UsedRing, PUBLISH_EVERY};
+use crate::used_ring::{packed_advance, packed_parts, UsedRing, PUBLISH_EVERY};
 use crate::virtio_net::{MAX_HDR_AND_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::{GuestMemory, Vring};
 
@@ -56,12 +56,19 @@ pub enum QueueError {
     },
     #[error("available index {avail} is more than a ring ahead of the device's {next}")]
     AvailIndexAhead { queue: u16, avail: u16, next: u16 },
+    #[error(
+        "the packed chain at descriptor {position} does not end within the ring; \
+         nothing after it moves"
+    )]
+    UnterminatedPackedChain { queue: u16, position: u16 },
 }
 
 impl QueueError {
     pub fn queue(&self) -> u16 {
         match self {
-            Self::RingPlacement { queue, .. } | Self::AvailIndexAhead { queue, .. } => *queue,
+            Self::RingPlacement { queue, .. }
+            | Self::AvailIndexAhead { queue, .. }
+            | Self::UnterminatedPackedChain { queue, .. } => *queue,
         }
     }
 }
@@ -137,16 +144,47 @@ pub enum Kicks {
 pub struct LinkParams {
     pub vnet_hdr_len: usize,
     pub mergeable_rx: bool,
+    /// VIRTIO_F_RING_PACKED: every ring of the device is packed.
+    pub packed_ring: bool,
 }
 
-fn layout_of(queue: &Queue) -> RingLayout {
+fn layout_of(queue: &Queue, packed: bool) -> RingLayout {
     RingLayout {
         desc_table: queue.desc_table(),
         avail_ring: queue.avail_ring(),
         used_ring: queue.used_ring(),
         size: queue.size(),
+        packed,
     }
 }
+
+/// One queue's ring for a pass, in the format the driver negotiated.
+pub enum Ring<'m> {
+    Split(RingView<'m>),
+    Packed(PackedRingView<'m>),
+}
+
+impl<'m> Ring<'m> {
+    pub fn size(&self) -> u16 {
+        match self {
+            Ring::Split(ring) => ring.size(),
+            Ring::Packed(ring) => ring.size(),
+        }
+    }
+
+    /// The memory the ring and its buffers lie in.
+    pub fn memory(&self) -> &'m MappedMemory {
+        match self {
+            Ring::Split(ring) => ring.memory(),
+            Ring::Packed(ring) => ring.memory(),
+        }
+    }
+}
+
+const PACKED_EVENT_ENABLE: u16 =
+    virtio_bindings::bindings::virtio_ring::VRING_PACKED_EVENT_FLAG_ENABLE as u16;
+const PACKED_EVENT_DISABLE: u16 =
+    virtio_bindings::bindings::virtio_ring::VRING_PACKED_EVENT_FLAG_DISABLE as u16;
 
 /// One queue's ring, placed on the current memory table. A ring refused once is not
 /// looked at again until the frontend sets it up differently or maps new memory, so
@@ -165,17 +203,29 @@ struct PlacedRing {
 }
 
 impl PlacedRing {
-    fn suppress_kicks(&mut self, ring: &RingView<'_>, event_idx: bool) {
+    fn suppress_kicks(&mut self, ring: &Ring<'_>, event_idx: bool) {
         if !self.kicks_suppressed {
-            ring.suppress_kicks(event_idx);
+            match ring {
+                Ring::Split(ring) => ring.suppress_kicks(event_idx),
+                Ring::Packed(ring) => ring.set_device_event_flags(PACKED_EVENT_DISABLE),
+            }
             self.kicks_suppressed = true;
         }
     }
 
-    /// See [`RingView::allow_kicks`].
-    fn allow_kicks(&mut self, ring: &RingView<'_>, event_idx: bool, next: Wrapping<u16>) -> bool {
+    /// Ask for a kick once the driver adds a chain where `cursor` last found none;
+    /// says whether it already has (then the caller goes on instead of waiting).
+    fn allow_kicks(&mut self, ring: &Ring<'_>, event_idx: bool, cursor: &AvailCursor) -> bool {
         self.kicks_suppressed = false;
-        ring.allow_kicks(event_idx, next)
+        match ring {
+            Ring::Split(split) => split.allow_kicks(event_idx, cursor.empty_at),
+            Ring::Packed(packed) => {
+                packed.set_device_event_flags(PACKED_EVENT_ENABLE);
+                // The driver must see the store before we look at its ring again.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                cursor.more_since_empty(ring)
+            }
+        }
     }
 
     /// The ring for this pass; `Ok(None)` for a ring refused before.
@@ -184,8 +234,9 @@ impl PlacedRing {
         index: u16,
         queue: &mut Queue,
         mem: &'m MappedMemory,
-    ) -> Result<Option<RingView<'m>>, QueueError> {
-        let layout = layout_of(queue);
+        packed: bool,
+    ) -> Result<Option<Ring<'m>>, QueueError> {
+        let layout = layout_of(queue, packed);
         let key = (layout, mem.generation());
         if self.key != Some(key) {
             self.key = Some(key);
@@ -199,11 +250,19 @@ impl PlacedRing {
                     })?;
             self.placement = Some(placement);
         }
-        let Some(ring) = self.placement.as_ref().and_then(|p| mem.ring(p)) else {
+        let Some(placement) = self.placement.as_ref() else {
+            return Ok(None);
+        };
+        if packed {
+            // A packed ring keeps no used index to check the base against: it is
+            // taken as the frontend set it.
+            return Ok(mem.packed_ring(placement).map(Ring::Packed));
+        }
+        let Some(ring) = mem.ring(placement) else {
             return Ok(None);
         };
         self.sync_with_used_ring(index, queue, &ring, layout);
-        Ok(Some(ring))
+        Ok(Some(Ring::Split(ring)))
     }
 
     /// Start a ring where its used index says, once per connection and ring layout.
@@ -240,24 +299,54 @@ impl PlacedRing {
     }
 }
 
-/// The available entries not yet taken in this pass.
+/// A chain taken from the ring: what completes it, and its walk.
+struct Taken {
+    /// Split: the head's index; packed: the buffer id.
+    id: u16,
+    /// Ring slots it takes (packed; 1 for split).
+    slots: u16,
+    /// The chain's length in bytes, or why it was refused.
+    walk: Result<usize, ChainError>,
+}
+
+/// The available chains not yet taken in this pass.
+///
+/// Positions are kept as vhost-user carries a ring base: for a split ring the next
+/// available index; for a packed ring the next descriptor's position in bits 0–14
+/// and the driver's wrap counter in bit 15.
 struct AvailCursor {
+    queue: u16,
     next: Wrapping<u16>,
+    /// Split: the driver's index as last read.
     avail: Wrapping<u16>,
+    /// Where the last look found no chain: the kick to ask for.
+    empty_at: Wrapping<u16>,
+    /// A packed chain without an end stopped the ring at `next`.
+    broken: Option<QueueError>,
 }
 
 impl AvailCursor {
-    fn new(queue: &Queue) -> Self {
+    fn new(queue_index: u16, queue: &Queue) -> Self {
         let next = Wrapping(queue.next_avail());
-        Self { next, avail: next }
+        Self {
+            queue: queue_index,
+            next,
+            avail: next,
+            empty_at: next,
+            broken: None,
+        }
     }
 
-    /// Read the driver's index again; a driver cannot make more than a ring available.
-    fn refresh(&mut self, ring: &RingView<'_>, queue: u16) -> Result<(), QueueError> {
+    /// Split: read the driver's index again; a driver cannot make more than a ring
+    /// available. Packed rings have no index: each descriptor says it is available.
+    fn refresh(&mut self, ring: &Ring<'_>) -> Result<(), QueueError> {
+        let Ring::Split(ring) = ring else {
+            return Ok(());
+        };
         let avail = ring.avail_idx();
         if (avail - self.next).0 > ring.size() {
             return Err(QueueError::AvailIndexAhead {
-                queue,
+                queue: self.queue,
                 avail: avail.0,
                 next: self.next.0,
             });
@@ -272,9 +361,67 @@ impl AvailCursor {
         Ok(())
     }
 
-    /// Head of the next available chain; starts fetching the buffer of the chain
-    /// [`PREFETCH_AHEAD`] behind it into the cache (for writing when `write`).
-    fn take(&mut self, ring: &RingView<'_>, write: bool) -> Option<u16> {
+    /// Where the cursor is, to [`Self::rewind`] to.
+    fn mark(&self) -> Wrapping<u16> {
+        self.next
+    }
+
+    /// Put the chains taken since `mark` back.
+    fn rewind(&mut self, mark: Wrapping<u16>) {
+        self.next = mark;
+    }
+
+    /// Take the next available chain and walk it into `pieces` (device-writable
+    /// buffers when `write`); starts fetching the buffer of the chain
+    /// [`PREFETCH_AHEAD`] behind it into the cache.
+    fn next_chain(
+        &mut self,
+        ring: &Ring<'_>,
+        rules: ChainRules,
+        pieces: &mut Vec<Piece>,
+    ) -> Option<Taken> {
+        match ring {
+            Ring::Split(split) => {
+                let Some(head) = self.take_split(split, rules.device_writes) else {
+                    self.empty_at = self.next;
+                    return None;
+                };
+                Some(Taken {
+                    id: head,
+                    slots: 1,
+                    walk: walk_chain(split, head, rules, pieces),
+                })
+            }
+            Ring::Packed(packed) => {
+                let (position, wrap) = packed_parts(self.next);
+                if self.broken.is_some() || !packed.is_available(position, wrap) {
+                    self.empty_at = self.next;
+                    return None;
+                }
+                let size = packed.size();
+                let (ahead, ahead_wrap) =
+                    packed_parts(packed_advance(self.next, PREFETCH_AHEAD, size));
+                packed.prefetch(ahead, ahead_wrap, rules.device_writes);
+                let Some(chain) = walk_packed_chain(packed, position, rules, pieces) else {
+                    self.broken = Some(QueueError::UnterminatedPackedChain {
+                        queue: self.queue,
+                        position,
+                    });
+                    self.empty_at = self.next;
+                    return None;
+                };
+                self.next = packed_advance(self.next, chain.slots, size);
+                Some(Taken {
+                    id: chain.id,
+                    slots: chain.slots,
+                    walk: chain.walk,
+                })
+            }
+        }
+    }
+
+    /// Head of the next available chain of a split ring.
+    fn take_split(&mut self, ring: &RingView<'_>, write: bool) -> Option<u16> {
         if self.next == self.avail {
             return None;
         }
@@ -297,9 +444,20 @@ impl AvailCursor {
         Some(head)
     }
 
-    /// Put the last `count` chains taken back.
-    fn give_back(&mut self, count: usize) {
-        self.next -= Wrapping(count as u16);
+    /// The driver added a chain where the cursor last found none.
+    fn more_since_empty(&self, ring: &Ring<'_>) -> bool {
+        match ring {
+            Ring::Split(split) => split.avail_idx() != self.empty_at,
+            Ring::Packed(packed) => {
+                let (position, wrap) = packed_parts(self.empty_at);
+                self.broken.is_none() && packed.is_available(position, wrap)
+            }
+        }
+    }
+
+    /// The error that stopped the ring in this pass, if one did.
+    fn take_error(&mut self) -> Option<QueueError> {
+        self.broken.take()
     }
 }
 
@@ -369,25 +527,30 @@ impl TxVirtio {
         }
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let Some(ring) = self.ring.view(self.queue, queue, mem)? else {
+        let Some(ring) = self.ring.view(self.queue, queue, mem, link.packed_ring)? else {
             return Ok(TxProgress::default());
         };
         let event_idx = queue.event_idx_enabled();
-        let mut cursor = AvailCursor::new(queue);
+        let mut cursor = AvailCursor::new(self.queue, queue);
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
-        self.used.begin(queue);
+        self.used.begin(queue, &ring);
         self.ring.suppress_kicks(&ring, event_idx);
         // With EVENT_IDX the guest kicks only when it passes `avail_event`, so after
         // re-arming notifications look again: a frame added in between would
         // otherwise wait for the next kick.
         let result = loop {
-            if let Err(e) = cursor.refresh(&ring, self.queue) {
+            if let Err(e) = cursor.refresh(&ring) {
                 break Err(e);
             }
-            while let Some(head) = cursor.take(&ring, false) {
+            loop {
+                let mark = cursor.mark();
                 self.pieces.clear();
-                match walk_chain(&ring, head, TX_CHAINS, &mut self.pieces)
+                let Some(taken) = cursor.next_chain(&ring, TX_CHAINS, &mut self.pieces) else {
+                    break;
+                };
+                match taken
+                    .walk
                     .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
                 {
                     Ok(len) => match port.transmit(&GuestFrame::new(mem, &self.pieces, len)) {
@@ -399,7 +562,7 @@ impl TxVirtio {
                         Ok(TxOutcome::Filtered) => {}
                         Ok(TxOutcome::Busy) => {
                             // Leave the chain in the ring; it is offered again later.
-                            cursor.give_back(1);
+                            cursor.rewind(mark);
                             progress.blocked = true;
                             break;
                         }
@@ -414,18 +577,19 @@ impl TxVirtio {
                     }
                 }
                 // Transmit buffers are only read: completed with length 0.
-                self.used.push(head, 0);
+                self.used.push(taken.id, 0, taken.slots);
                 self.used.publish_if_full(&ring);
             }
             if progress.blocked {
                 break Ok(());
             }
             self.used.publish(&ring);
-            if kicks == Kicks::Suppress || !self.ring.allow_kicks(&ring, event_idx, cursor.next) {
+            if kicks == Kicks::Suppress || !self.ring.allow_kicks(&ring, event_idx, &cursor) {
                 break Ok(());
             }
             self.ring.suppress_kicks(&ring, event_idx);
         };
+        let result = result.and(cursor.take_error().map_or(Ok(()), Err));
         queue.set_next_avail(cursor.next.0);
         progress.chains = self.used.completed_in_pass();
         let notify = self.used.finish(queue, &ring);
@@ -439,7 +603,8 @@ impl TxVirtio {
 /// A receive chain taken for the frame being placed.
 #[derive(Clone, Copy, Debug)]
 struct TakenChain {
-    head: u16,
+    id: u16,
+    slots: u16,
     /// One past this chain's last entry in `RxVirtio::pieces`.
     pieces_end: usize,
 }
@@ -466,8 +631,8 @@ impl FrameSource<'_> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Placement {
     Delivered,
-    /// Not enough guest buffers now (the `usize` available were too few); the frame waits.
-    NoBuffers(usize),
+    /// Not enough guest buffers now; the frame waits.
+    NoBuffers,
     /// No buffer the guest can post will ever hold it; the frame is dropped.
     NeverFits,
 }
@@ -496,9 +661,9 @@ impl RxVirtio {
         }
     }
 
-    /// Put the chains taken so far back into the ring.
-    fn give_back(&mut self, cursor: &mut AvailCursor) {
-        cursor.give_back(self.chains.len());
+    /// Put the chains taken since `mark` back into the ring.
+    fn give_back(&mut self, cursor: &mut AvailCursor, mark: Wrapping<u16>) {
+        cursor.rewind(mark);
         self.chains.clear();
         self.pieces.clear();
     }
@@ -507,7 +672,7 @@ impl RxVirtio {
     fn place(
         &mut self,
         cursor: &mut AvailCursor,
-        ring: &RingView<'_>,
+        ring: &Ring<'_>,
         source: &mut FrameSource<'_>,
         link: LinkParams,
         delta: &mut CounterDelta,
@@ -521,21 +686,22 @@ impl RxVirtio {
             max_pieces: MAX_CHAIN_SEGMENTS,
         };
         let mut capacity = 0usize;
+        let mut mark = cursor.mark();
         while capacity < need {
             let one_buffer_only = !link.mergeable_rx && !self.chains.is_empty();
             if one_buffer_only || self.chains.len() == usize::from(ring.size()) {
-                self.give_back(cursor);
+                self.give_back(cursor, mark);
                 return Placement::NeverFits;
             }
-            let Some(head) = cursor.take(ring, true) else {
-                let available = self.chains.len();
-                self.give_back(cursor);
-                return Placement::NoBuffers(available);
+            let Some(taken) = cursor.next_chain(ring, rules, &mut self.pieces) else {
+                self.give_back(cursor, mark);
+                return Placement::NoBuffers;
             };
-            match walk_chain(ring, head, rules, &mut self.pieces) {
+            match taken.walk {
                 Ok(chain_capacity) => {
                     self.chains.push(TakenChain {
-                        head,
+                        id: taken.id,
+                        slots: taken.slots,
                         pieces_end: self.pieces.len(),
                     });
                     capacity += chain_capacity;
@@ -544,12 +710,13 @@ impl RxVirtio {
                     // The ring cannot be rewound past a chain that is completed, so the
                     // buffers taken before the bad one go back empty, then the bad one.
                     // Guests drop used buffers shorter than a header.
-                    for taken in self.chains.drain(..) {
-                        self.used.push(taken.head, 0);
+                    for earlier in self.chains.drain(..) {
+                        self.used.push(earlier.id, 0, earlier.slots);
                     }
                     self.pieces.clear();
                     capacity = 0;
-                    self.used.push(head, 0);
+                    self.used.push(taken.id, 0, taken.slots);
+                    mark = cursor.mark();
                     delta.errors += 1;
                     self.errors.error(self.queue, &e);
                 }
@@ -577,7 +744,7 @@ impl RxVirtio {
             };
             offset += written;
             first_piece = taken.pieces_end;
-            self.used.push(taken.head, written as u32);
+            self.used.push(taken.id, written as u32, taken.slots);
         }
         if with_num_buffers && matches!(source, FrameSource::Guest { .. }) {
             // Every chain but the last is full, so the frame's byte n is byte n of the
@@ -607,19 +774,19 @@ impl RxVirtio {
         }
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let Some(ring) = self.ring.view(self.queue, queue, mem)? else {
+        let Some(ring) = self.ring.view(self.queue, queue, mem, link.packed_ring)? else {
             return Ok(RxProgress::default());
         };
         let event_idx = queue.event_idx_enabled();
-        let mut cursor = AvailCursor::new(queue);
+        let mut cursor = AvailCursor::new(self.queue, queue);
         let mut delta = CounterDelta::default();
         let mut progress = RxProgress::default();
-        self.used.begin(queue);
+        self.used.begin(queue, &ring);
         let result = 'frames: loop {
-            if let Err(e) = cursor.refresh(&ring, self.queue) {
+            if let Err(e) = cursor.refresh(&ring) {
                 break Err(e);
             }
-            let available = loop {
+            loop {
                 let frame = match port.peek_rx() {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break 'frames Ok(()),
@@ -641,16 +808,16 @@ impl RxVirtio {
                         port.consume_rx();
                         delta.drops += 1;
                     }
-                    Placement::NoBuffers(available) => break available,
+                    Placement::NoBuffers => break,
                 }
-            };
+            }
             // Out of buffers: hand back what is done, then ask for a kick when more
             // arrive; if some came in meanwhile, go on.
             self.used.publish(&ring);
             if kicks == Kicks::Arm {
-                self.ring.allow_kicks(&ring, event_idx, cursor.next);
+                self.ring.allow_kicks(&ring, event_idx, &cursor);
             }
-            if (ring.avail_idx() - cursor.next).0 as usize <= available {
+            if !cursor.more_since_empty(&ring) {
                 progress.starved = true;
                 break Ok(());
             }
@@ -659,6 +826,7 @@ impl RxVirtio {
             // Buffers to spare: no need for a kick each time the guest adds more.
             self.ring.suppress_kicks(&ring, event_idx);
         }
+        let result = result.and(cursor.take_error().map_or(Ok(()), Err));
         queue.set_next_avail(cursor.next.0);
         progress.chains = self.used.completed_in_pass();
         let notify = self.used.finish(queue, &ring);

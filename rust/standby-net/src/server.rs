@@ -23,7 +23,7 @@ use crate::virtio_net::{protocol_features, BASE_FEATURES, F_MQ};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("invalid configuration")]
+    #[error("invalid setting {}", .0.setting())]
     InvalidConfig(#[from] ConfigError),
     #[error("cannot open the host port")]
     OpenPort(#[from] OpenPortError),
@@ -31,6 +31,8 @@ pub enum ServerError {
     Bind(#[from] BindError),
     #[error("cannot create the stop event")]
     StopEvent(#[source] io::Error),
+    #[error("cannot create the status change event")]
+    ChangeEvent(#[source] io::Error),
     #[error("cannot start the connection thread")]
     SpawnThread(#[source] io::Error),
     #[error("already started")]
@@ -92,6 +94,12 @@ impl DeviceHandle {
     }
 
     /// Events from sequence number `from` on; waits up to `timeout` for the first one.
+    /// Readable after every change of state, negotiation or events (see
+    /// [`DeviceStatus::change_fd`]).
+    pub fn change_fd(&self) -> std::os::fd::RawFd {
+        self.shared.status.change_fd()
+    }
+
     pub fn events_since(&self, from: u64, timeout: Duration) -> (Vec<TimedEvent>, u64) {
         self.shared.status.events_since(from, timeout)
     }
@@ -153,7 +161,7 @@ impl Server {
     /// Check the configuration and open the host ports; nothing listens yet.
     pub fn new(config: BackendConfig) -> Result<Self, ServerError> {
         config.validate()?;
-        let opened = open_ports(&config.port, config.queue_pairs, config.mac)?;
+        let opened = open_ports(&config.port, config.queue_pairs, config.mac, config.mtu)?;
         let multi_queue = config.queue_pairs > 1;
         let mut features = BASE_FEATURES | opened.offload_features;
         if multi_queue {
@@ -166,10 +174,10 @@ impl Server {
             features,
             protocol_features: protocol_features(),
         };
-        let status = Arc::new(DeviceStatus::new(
-            offer.features,
-            offer.protocol_features.bits(),
-        ));
+        let status = Arc::new(
+            DeviceStatus::new(offer.features, offer.protocol_features.bits())
+                .map_err(ServerError::ChangeEvent)?,
+        );
         let steering = opened
             .host_side
             .map(|host| Steering::new(config.mac, host, Arc::clone(&status)));
@@ -210,7 +218,8 @@ impl Server {
     }
 
     /// Start serving. In server mode the socket is bound before this returns, so a
-    /// frontend started right after finds it.
+    /// frontend started right after finds it; the state is `Listening` (`Connecting`
+    /// in client mode) by then, so a wait begun right after never sees `Stopped`.
     pub fn start(&mut self) -> Result<(), ServerError> {
         if self.thread.is_some() {
             return Err(ServerError::AlreadyStarted);
@@ -222,12 +231,20 @@ impl Server {
         if let Some(steering) = &self.shared.steering {
             self.steering_thread = Some(steering.spawn().map_err(ServerError::SpawnSteering)?);
         }
+        self.shared.status.set_state(if config.client {
+            ConnectionState::Connecting
+        } else {
+            ConnectionState::Listening
+        });
         let shared = Arc::clone(&self.shared);
         let socket = self.socket.take();
         let thread = thread::Builder::new()
             .name("vhost-user-conn".to_string())
             .spawn(move || run(&shared, socket))
-            .map_err(ServerError::SpawnThread)?;
+            .map_err(|e| {
+                self.shared.status.set_state(ConnectionState::Stopped);
+                ServerError::SpawnThread(e)
+            })?;
         self.thread = Some(thread);
         Ok(())
     }

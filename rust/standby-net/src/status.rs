@@ -2,10 +2,18 @@
 //!
 //! Written by the connection thread and the vhost-user request handler (a few times
 //! per connection), read from Python at any time. The datapath never touches it.
+//!
+//! Every change is also counted on an eventfd ([`DeviceStatus::change_fd`]), so an
+//! event loop can watch many devices at no cost while they are quiet, instead of
+//! parking a thread on each or polling.
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Where the device is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,11 +154,13 @@ struct Inner {
 pub struct DeviceStatus {
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// Readable after every change (state, negotiation, event) until read.
+    changed_fd: EventFd,
 }
 
 impl DeviceStatus {
-    pub fn new(offered_features: u64, offered_protocol_features: u64) -> Self {
-        Self {
+    pub fn new(offered_features: u64, offered_protocol_features: u64) -> io::Result<Self> {
+        Ok(Self {
             inner: Mutex::new(Inner {
                 state: ConnectionState::Stopped,
                 negotiation: Negotiation {
@@ -163,7 +173,21 @@ impl DeviceStatus {
                 failure: None,
             }),
             changed: Condvar::new(),
-        }
+            changed_fd: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// An eventfd that becomes readable whenever something changed; a reader drains
+    /// it, then reads what it wants to know. It stays open as long as this status.
+    pub fn change_fd(&self) -> RawFd {
+        self.changed_fd.as_raw_fd()
+    }
+
+    fn notify(&self) {
+        self.changed.notify_all();
+        // Only fails when the counter would overflow (never drained for 2^64
+        // changes); the fd is readable then anyway.
+        let _ = self.changed_fd.write(1);
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -186,12 +210,12 @@ impl DeviceStatus {
 
     pub fn set_state(&self, state: ConnectionState) {
         self.lock().state = state;
-        self.changed.notify_all();
+        self.notify();
     }
 
     pub fn update_negotiation(&self, update: impl FnOnce(&mut Negotiation)) {
         update(&mut self.lock().negotiation);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Record an event and log it.
@@ -210,7 +234,7 @@ impl DeviceStatus {
         });
         inner.next_seq += 1;
         drop(inner);
-        self.changed.notify_all();
+        self.notify();
     }
 
     /// Events with sequence number `>= from`, and the sequence number to pass next time.
@@ -316,7 +340,7 @@ mod tests {
 
     #[test]
     fn readers_resume_from_sequence_numbers() {
-        let status = DeviceStatus::new(1, 2);
+        let status = DeviceStatus::new(1, 2).unwrap();
         status.push(DeviceEvent::Connected { connection: 1 });
         status.push(DeviceEvent::FeaturesAcked { features: 1 });
         let (events, next) = status.events_since(0, Duration::ZERO);
@@ -331,7 +355,7 @@ mod tests {
 
     #[test]
     fn old_events_are_dropped_first() {
-        let status = DeviceStatus::new(0, 0);
+        let status = DeviceStatus::new(0, 0).unwrap();
         for connection in 0..(EVENT_LOG_CAPACITY as u64 + 5) {
             status.push(DeviceEvent::Connected { connection });
         }
@@ -343,7 +367,7 @@ mod tests {
 
     #[test]
     fn waiters_wake_on_state_change() {
-        let status = Arc::new(DeviceStatus::new(0, 0));
+        let status = Arc::new(DeviceStatus::new(0, 0).unwrap());
         let setter = Arc::clone(&status);
         let thread = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
@@ -352,5 +376,27 @@ mod tests {
         let state = status.wait_state(Duration::from_secs(5), |s| s == ConnectionState::Connected);
         assert_eq!(state, ConnectionState::Connected);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn every_change_makes_the_change_fd_readable_until_drained() {
+        let status = DeviceStatus::new(0, 0).unwrap();
+        let fd = status.change_fd();
+        let count = || {
+            let mut buf = [0u8; 8];
+            // SAFETY: reads 8 bytes into a local buffer from an fd this test owns.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n == 8 {
+                u64::from_ne_bytes(buf)
+            } else {
+                0
+            }
+        };
+        assert_eq!(count(), 0, "nothing changed yet");
+        status.set_state(ConnectionState::Listening);
+        status.update_negotiation(|n| n.acked_features = Some(1));
+        status.push(DeviceEvent::Stopped);
+        assert_eq!(count(), 3);
+        assert_eq!(count(), 0, "drained");
     }
 }

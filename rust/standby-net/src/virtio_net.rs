@@ -6,7 +6,7 @@
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::bindings::virtio_config::{
-    VIRTIO_F_ANY_LAYOUT, VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
+    VIRTIO_F_ANY_LAYOUT, VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
@@ -29,6 +29,8 @@ pub const F_ANY_LAYOUT: u64 = bit(VIRTIO_F_ANY_LAYOUT);
 /// (a chain is completed, or put back for later, before the next one is taken), so
 /// offering it only lets the driver skip walking its free list on every completion.
 pub const F_IN_ORDER: u64 = bit(VIRTIO_F_IN_ORDER);
+/// The packed ring layout (virtio 1.x, 2.8), on the same checked datapath as split.
+pub const F_RING_PACKED: u64 = bit(VIRTIO_F_RING_PACKED);
 pub const F_RING_INDIRECT_DESC: u64 = bit(VIRTIO_RING_F_INDIRECT_DESC);
 pub const F_RING_EVENT_IDX: u64 = bit(VIRTIO_RING_F_EVENT_IDX);
 pub const F_MAC: u64 = bit(VIRTIO_NET_F_MAC);
@@ -52,12 +54,13 @@ pub const F_GUEST_ECN: u64 = bit(VIRTIO_NET_F_GUEST_ECN);
 pub const F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 pub const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 
-/// What every instance offers, whatever its port: the ring layout, in-order use,
+/// What every instance offers, whatever its port: the ring layouts, in-order use,
 /// mergeable receive buffers, MTU and MAC advice, guest-side announcements, and the
 /// two vhost-user bits live migration needs.
 pub const BASE_FEATURES: u64 = F_VERSION_1
     | F_ANY_LAYOUT
     | F_IN_ORDER
+    | F_RING_PACKED
     | F_RING_INDIRECT_DESC
     | F_RING_EVENT_IDX
     | F_MAC
@@ -131,6 +134,7 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
         (F_MQ, "MQ"),
         (F_ANY_LAYOUT, "ANY_LAYOUT"),
         (F_IN_ORDER, "IN_ORDER"),
+        (F_RING_PACKED, "RING_PACKED"),
         (F_RING_INDIRECT_DESC, "RING_INDIRECT_DESC"),
         (F_RING_EVENT_IDX, "RING_EVENT_IDX"),
         (F_LOG_ALL, "LOG_ALL"),

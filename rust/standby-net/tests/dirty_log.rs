@@ -4,14 +4,17 @@
 //! sends during a migration: SET_LOG_BASE with a shared log, then SET_FEATURES with
 //! VHOST_F_LOG_ALL, and SET_FEATURES without it at the end. Guest memory and the log
 //! are memfds both sides map. Every kind of write the device makes is checked:
-//! virtio-net header, frame payload, and the used rings of both queues.
+//! virtio-net header, frame payload, and the used rings of both queues; with split
+//! rings and with packed ones.
 
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use standby_net::virtio_net::{F_LOG_ALL, F_MRG_RXBUF, F_PROTOCOL_FEATURES, F_VERSION_1};
+use standby_net::virtio_net::{
+    F_LOG_ALL, F_MRG_RXBUF, F_PROTOCOL_FEATURES, F_RING_PACKED, F_VERSION_1,
+};
 use standby_net::{BackendConfig, DeviceHandle, PortSpec, Server};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -25,6 +28,9 @@ const LOG_SIZE: usize = 4096; // one bit per page: far more than 1 MiB needs
 const QUEUE_SIZE: u16 = 16;
 
 /// Ring placement: every ring on its own page, so the log shows who wrote what.
+/// A packed ring's descriptors lie at `desc`, its driver area at `avail`, and its
+/// device area on the descriptors' page (see `PACKED_DEVICE_AREA`), where the
+/// device writes its used descriptors anyway.
 struct RingPages {
     desc: u64,
     avail: u64,
@@ -40,6 +46,8 @@ const TX: RingPages = RingPages {
     avail: 0x6000,
     used: 0x7000,
 };
+
+const PACKED_DEVICE_AREA: u64 = 0x800;
 
 fn memfd(name: &str, size: usize) -> File {
     let name = std::ffi::CString::new(name).unwrap();
@@ -61,10 +69,13 @@ struct Guest {
     kicks: [EventFd; 2],
     _calls: [EventFd; 2],
     next_desc: [u16; 2],
+    packed: bool,
+    /// Packed: where each chain made available so far starts.
+    heads: [Vec<u16>; 2],
 }
 
 impl Guest {
-    fn connect(socket: &PathBuf) -> Self {
+    fn connect(socket: &PathBuf, packed: bool) -> Self {
         let mem_file = memfd("guest-ram", MEM_SIZE);
         let mem = GuestMemoryMmap::from_ranges_with_files(&[(
             GuestAddress(0),
@@ -91,7 +102,8 @@ impl Guest {
                 VhostUserProtocolFeatures::LOG_SHMFD | VhostUserProtocolFeatures::REPLY_ACK,
             )
             .unwrap();
-        frontend.set_features(Self::FEATURES).unwrap();
+        let features = Self::features(packed);
+        frontend.set_features(features).unwrap();
 
         let user_addr = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
         frontend
@@ -116,13 +128,20 @@ impl Guest {
                         queue_size: QUEUE_SIZE,
                         flags: 0,
                         desc_table_addr: user_addr + ring.desc,
-                        used_ring_addr: user_addr + ring.used,
+                        used_ring_addr: user_addr
+                            + if packed {
+                                ring.desc + PACKED_DEVICE_AREA
+                            } else {
+                                ring.used
+                            },
                         avail_ring_addr: user_addr + ring.avail,
                         log_addr: None,
                     },
                 )
                 .unwrap();
-            frontend.set_vring_base(queue, 0).unwrap();
+            // A packed ring starts at position 0 with the wrap counter at 1.
+            let base = if packed { 0x8000 } else { 0 };
+            frontend.set_vring_base(queue, base).unwrap();
             frontend.set_vring_call(queue, &calls[queue]).unwrap();
             frontend.set_vring_kick(queue, &kicks[queue]).unwrap();
             frontend.set_vring_enable(queue, true).unwrap();
@@ -135,10 +154,15 @@ impl Guest {
             kicks,
             _calls: calls,
             next_desc: [0, 0],
+            packed,
+            heads: [Vec::new(), Vec::new()],
         }
     }
 
-    const FEATURES: u64 = F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES;
+    fn features(packed: bool) -> u64 {
+        let packed = if packed { F_RING_PACKED } else { 0 };
+        F_VERSION_1 | F_MRG_RXBUF | F_PROTOCOL_FEATURES | packed
+    }
 
     fn start_logging(&mut self, device: &DeviceHandle) {
         self.frontend
@@ -151,11 +175,11 @@ impl Guest {
                 }),
             )
             .unwrap();
-        self.set_features_and_wait(Self::FEATURES | F_LOG_ALL, device);
+        self.set_features_and_wait(Self::features(self.packed) | F_LOG_ALL, device);
     }
 
     fn stop_logging(&mut self, device: &DeviceHandle) {
-        self.set_features_and_wait(Self::FEATURES, device);
+        self.set_features_and_wait(Self::features(self.packed), device);
     }
 
     /// QEMU waits for the backend's ack when it toggles LOG_ALL, so no write the
@@ -173,6 +197,9 @@ impl Guest {
 
     /// Add a chain of `(addr, len, device_writable)` buffers to queue `queue`.
     fn add_chain(&mut self, queue: usize, buffers: &[(u64, u32, bool)]) {
+        if self.packed {
+            return self.add_packed_chain(queue, buffers);
+        }
         let ring = [RX, TX].into_iter().nth(queue).unwrap();
         let first = self.next_desc[queue];
         for (i, &(addr, len, writable)) in buffers.iter().enumerate() {
@@ -197,13 +224,48 @@ impl Guest {
             .unwrap();
     }
 
+    /// The same on a packed ring (the test never goes round it): the head's flags
+    /// last, marked available in round 1.
+    fn add_packed_chain(&mut self, queue: usize, buffers: &[(u64, u32, bool)]) {
+        let ring = [RX, TX].into_iter().nth(queue).unwrap();
+        let first = self.next_desc[queue];
+        assert!(first + buffers.len() as u16 <= QUEUE_SIZE);
+        const AVAIL: u16 = 1 << 7;
+        for (i, &(addr, len, writable)) in buffers.iter().enumerate().rev() {
+            let desc = ring.desc + 16 * (u64::from(first) + i as u64);
+            let last = i + 1 == buffers.len();
+            let flags: u16 = AVAIL | (if writable { 2 } else { 0 }) | (if last { 0 } else { 1 });
+            self.mem.write_obj(addr, GuestAddress(desc)).unwrap();
+            self.mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+            self.mem.write_obj(first, GuestAddress(desc + 12)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(desc + 14)).unwrap();
+        }
+        self.heads[queue].push(first);
+        self.next_desc[queue] += buffers.len() as u16;
+    }
+
     fn kick(&self, queue: usize) {
         self.kicks[queue].write(1).unwrap();
     }
 
+    /// Chains the device has used (split: its used index; packed: the used
+    /// descriptors where the chains began).
     fn used_idx(&self, queue: usize) -> u16 {
         let ring = [RX, TX].into_iter().nth(queue).unwrap();
-        self.mem.read_obj(GuestAddress(ring.used + 2)).unwrap()
+        if !self.packed {
+            return self.mem.read_obj(GuestAddress(ring.used + 2)).unwrap();
+        }
+        const AVAIL_AND_USED: u16 = 1 << 7 | 1 << 15;
+        self.heads[queue]
+            .iter()
+            .take_while(|&&head| {
+                let flags: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(ring.desc + 16 * u64::from(head) + 14))
+                    .unwrap();
+                flags & AVAIL_AND_USED == AVAIL_AND_USED
+            })
+            .count() as u16
     }
 
     fn wait_used(&self, queue: usize, count: u16) {
@@ -273,19 +335,37 @@ fn socket_path(name: &str) -> PathBuf {
 
 #[test]
 fn every_device_write_is_logged_while_log_all_is_on_and_none_after() {
-    let socket = socket_path("dirty-log");
+    device_writes_are_logged(false);
+}
+
+#[test]
+fn every_device_write_to_a_packed_ring_is_logged_too() {
+    device_writes_are_logged(true);
+}
+
+fn device_writes_are_logged(packed: bool) {
+    let socket = socket_path(if packed {
+        "dirty-log-packed"
+    } else {
+        "dirty-log"
+    });
     let mut server = Server::new(BackendConfig::new(&socket, PortSpec::Loop)).unwrap();
     server.start().unwrap();
     let device = server.handle();
-    let mut guest = Guest::connect(&socket);
+    let mut guest = Guest::connect(&socket, packed);
 
     guest.start_logging(&device);
     guest.loop_one_frame(0x40, 0x20, 0x30, 1);
     assert!(device.negotiation().dirty_logging);
     let header_page = 0x20;
     let payload_page = 0x30;
-    let rx_used_page = RX.used / PAGE;
-    let tx_used_page = TX.used / PAGE;
+    // Split: the used rings. Packed: the descriptor rings, where used descriptors
+    // go (and the device areas, on the same pages).
+    let (rx_used_page, tx_used_page) = if packed {
+        (RX.desc / PAGE, TX.desc / PAGE)
+    } else {
+        (RX.used / PAGE, TX.used / PAGE)
+    };
     assert_eq!(
         guest.dirty_pages(),
         [rx_used_page, tx_used_page, header_page, payload_page],

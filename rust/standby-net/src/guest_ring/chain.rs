@@ -1,6 +1,6 @@
-//! Walking one descriptor chain of a split ring into checked [`Piece`]s.
+//! Walking one descriptor chain of a split or a packed ring into checked [`Piece`]s.
 //!
-//! The rules are virtio-queue's `DescriptorChain` (the tests compare the two): follow
+//! Split rings follow virtio-queue's `DescriptorChain` (the tests compare the two): follow
 //! `next` while VIRTQ_DESC_F_NEXT is set, at most `size` descriptors; a descriptor
 //! with VIRTQ_DESC_F_INDIRECT replaces the rest of the chain with its table (not
 //! nested, a whole number of descriptors). On top, the datapath's own checks: the
@@ -11,7 +11,9 @@ use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
-use super::mapped::{Descriptor, DescriptorTable, Piece, RingView, TranslateError};
+use super::mapped::{
+    Descriptor, DescriptorTable, MappedMemory, PackedRingView, Piece, RingView, TranslateError,
+};
 
 const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -106,30 +108,121 @@ pub fn walk_chain(
             indirect = true;
             continue;
         }
-        let writable = desc.flags & F_WRITE != 0;
-        if writable != rules.device_writes {
-            return Err(if rules.device_writes {
-                ChainError::ReadableInReceiveChain
-            } else {
-                ChainError::WritableInTransmitChain
-            });
-        }
-        len += desc.len as usize;
-        if len > rules.max_bytes {
-            return Err(ChainError::LongerThan(rules.max_bytes));
-        }
-        mem.translate(desc.addr, desc.len, pieces, rules.max_pieces)
-            .map_err(|e| match e {
-                TranslateError::Outside => ChainError::OutsideGuestMemory {
-                    addr: desc.addr,
-                    len: desc.len,
-                },
-                TranslateError::TooManyPieces => ChainError::TooManyBuffers(rules.max_pieces),
-            })?;
+        len = add_buffer(mem, desc.addr, desc.len, desc.flags, rules, pieces, len)?;
         if desc.flags & F_NEXT == 0 {
             return Ok(len);
         }
         index = desc.next;
         ttl -= 1;
     }
+}
+
+/// Check one buffer of a chain that holds `len` bytes so far and append its
+/// pieces; returns the chain's new length.
+fn add_buffer(
+    mem: &MappedMemory,
+    addr: u64,
+    buffer_len: u32,
+    flags: u16,
+    rules: ChainRules,
+    pieces: &mut Vec<Piece>,
+    len: usize,
+) -> Result<usize, ChainError> {
+    let writable = flags & F_WRITE != 0;
+    if writable != rules.device_writes {
+        return Err(if rules.device_writes {
+            ChainError::ReadableInReceiveChain
+        } else {
+            ChainError::WritableInTransmitChain
+        });
+    }
+    let len = len + buffer_len as usize;
+    if len > rules.max_bytes {
+        return Err(ChainError::LongerThan(rules.max_bytes));
+    }
+    mem.translate(addr, buffer_len, pieces, rules.max_pieces)
+        .map_err(|e| match e {
+            TranslateError::Outside => ChainError::OutsideGuestMemory {
+                addr,
+                len: buffer_len,
+            },
+            TranslateError::TooManyPieces => ChainError::TooManyBuffers(rules.max_pieces),
+        })?;
+    Ok(len)
+}
+
+/// One chain of a packed ring: what completes it, and its buffers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PackedChain {
+    /// The buffer id, from the chain's last descriptor.
+    pub id: u16,
+    /// Descriptors it takes in the ring (the used descriptor skips them all).
+    pub slots: u16,
+    /// Its length in bytes, or why it was refused.
+    pub walk: Result<usize, ChainError>,
+}
+
+/// Walk the packed chain whose first descriptor is at `position` (virtio 1.x,
+/// 2.8.6–2.8.7): descriptors follow each other in the ring while VIRTQ_DESC_F_NEXT
+/// is set; one with VIRTQ_DESC_F_INDIRECT stands for a table whose entries all
+/// belong to the chain. A chain refused for its buffers is still walked to its end,
+/// so the ring goes on after it. `None`: the chain does not end within the ring;
+/// where the next chain starts is then unknown, and the ring cannot go on.
+pub fn walk_packed_chain(
+    ring: &PackedRingView<'_>,
+    position: u16,
+    rules: ChainRules,
+    pieces: &mut Vec<Piece>,
+) -> Option<PackedChain> {
+    let mem = ring.memory();
+    let mut walk = Ok(0usize);
+    for slots in 1..=ring.size() {
+        let desc = ring.descriptor(position.wrapping_add(slots - 1));
+        if let Ok(len) = walk {
+            walk = if desc.flags & F_INDIRECT != 0 {
+                add_packed_indirect(mem, desc.addr, desc.len, rules, pieces, len)
+            } else {
+                add_buffer(mem, desc.addr, desc.len, desc.flags, rules, pieces, len)
+            };
+        }
+        if desc.flags & F_NEXT == 0 {
+            return Some(PackedChain {
+                id: desc.id,
+                slots,
+                walk,
+            });
+        }
+    }
+    None
+}
+
+/// The buffers of a packed indirect table (not nested, a whole number of entries).
+fn add_packed_indirect(
+    mem: &MappedMemory,
+    addr: u64,
+    table_len: u32,
+    rules: ChainRules,
+    pieces: &mut Vec<Piece>,
+    mut len: usize,
+) -> Result<usize, ChainError> {
+    let entries = table_len as usize / 16;
+    if table_len % 16 != 0 || entries == 0 || entries > usize::from(u16::MAX) {
+        return Err(ChainError::BadIndirectTable(table_len));
+    }
+    let table =
+        mem.indirect_table(addr, table_len)
+            .map_err(|_| ChainError::OutsideGuestMemory {
+                addr,
+                len: table_len,
+            })?;
+    for index in 0..table.len() {
+        let Some(desc) = table.get_packed(index) else {
+            break;
+        };
+        if desc.flags & F_INDIRECT != 0 {
+            return Err(ChainError::BadIndirectTable(table_len));
+        }
+        len = add_buffer(mem, desc.addr, desc.len, desc.flags, rules, pieces, len)?;
+    }
+    Ok(len)
 }

@@ -57,33 +57,37 @@ impl Piece {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutsideMemory;
 
-/// Why a split ring cannot be used where the frontend put it.
+/// Why a ring cannot be used where the frontend put it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RingPlacementError {
     #[error("the {0} lies outside guest memory or across two memory regions")]
     Outside(&'static str),
     #[error("the {0} is not aligned as the virtio specification requires")]
     Misaligned(&'static str),
-    #[error("a split ring of {0} entries (must be a power of two up to 32768)")]
+    #[error("a ring of {0} entries (must be a power of two up to 32768)")]
     BadSize(u16),
 }
 
-/// Guest addresses and size of a split virtqueue.
+/// Guest addresses and size of a virtqueue. For a packed ring (`packed`), the
+/// available and used addresses are those of the driver and the device event
+/// suppression areas (virtio 1.x, 2.8.10), as vhost-user passes them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingLayout {
     pub desc_table: u64,
     pub avail_ring: u64,
     pub used_ring: u64,
     pub size: u16,
+    pub packed: bool,
 }
 
-/// Where a split ring's three parts lie, translated once per memory table.
+/// Where a ring's three parts lie, translated once per memory table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingPlacement {
     desc: Piece,
     avail: Piece,
     used: Piece,
     size: u16,
+    packed: bool,
 }
 
 /// A split-ring descriptor as read from guest memory (virtio 1.x, 2.7.5).
@@ -96,6 +100,29 @@ pub struct Descriptor {
 }
 
 const DESCRIPTOR_SIZE: usize = 16;
+const CACHE_LINE: u64 = 64;
+
+/// A packed-ring descriptor as read from guest memory (virtio 1.x, 2.8.13): the
+/// same 16 bytes as a split one, with the buffer id where the split ring has its
+/// flags, and the flags where it has `next`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedDescriptor {
+    pub addr: u64,
+    pub len: u32,
+    pub id: u16,
+    pub flags: u16,
+}
+
+impl From<Descriptor> for PackedDescriptor {
+    fn from(raw: Descriptor) -> Self {
+        Self {
+            addr: raw.addr,
+            len: raw.len,
+            id: raw.flags,
+            flags: raw.next,
+        }
+    }
+}
 
 impl Descriptor {
     fn from_le_bytes(raw: [u8; DESCRIPTOR_SIZE]) -> Self {
@@ -233,16 +260,20 @@ impl MappedMemory {
     /// Hint the CPU to fetch the cache line of guest address `addr` (for writing when
     /// `write`): a buffer a few chains ahead is then in cache when its turn comes,
     /// instead of on the CPU that filled it. Does nothing for an address outside memory.
-    pub fn prefetch(&self, addr: u64, write: bool) {
+    pub fn prefetch(&self, addr: u64, len: u32, write: bool) {
         let Some(index) = self.region_of(addr) else {
             return;
         };
         let region = &self.regions[index];
-        let at = region
-            .host
-            .wrapping_add((addr - region.guest_start) as usize)
-            .cast_const();
+        let offset = addr - region.guest_start;
+        let at = region.host.wrapping_add(offset as usize).cast_const();
         prefetch(at, write);
+        // A small frame after its virtio-net header spans two lines: the second is
+        // asked for too when the buffer reaches it within the region.
+        let second = CACHE_LINE - (at as u64 % CACHE_LINE);
+        if u64::from(len) > second && offset + second < region.len {
+            prefetch(at.wrapping_add(second as usize), write);
+        }
     }
 
     /// Host address of `piece`, checked against its region once more (rule 1).
@@ -376,8 +407,11 @@ impl MappedMemory {
         true
     }
 
-    /// Place a split ring (virtio 1.x, 2.7: alignments 16, 2 and 4), each part in
-    /// one region; done once per memory table and ring layout.
+    /// Place a ring, each part in one region; done once per memory table and ring
+    /// layout. Split (virtio 1.x, 2.7): alignments 16, 2 and 4. Packed (2.8): a
+    /// 16-aligned descriptor ring and two 4-byte event suppression areas. Both with
+    /// a power-of-two size, so positions wrap with a mask (virtio-queue and DPDK's
+    /// vhost require it too).
     pub fn place_ring(&self, layout: &RingLayout) -> Result<RingPlacement, RingPlacementError> {
         if !layout.size.is_power_of_two() {
             return Err(RingPlacementError::BadSize(layout.size));
@@ -389,6 +423,16 @@ impl MappedMemory {
                 ContiguousError::Misaligned => RingPlacementError::Misaligned(name),
             })
         };
+        if layout.packed {
+            return Ok(RingPlacement {
+                desc: part(layout.desc_table, 16 * size, 16, "descriptor ring")?,
+                // off_wrap, flags
+                avail: part(layout.avail_ring, 4, 4, "driver event suppression area")?,
+                used: part(layout.used_ring, 4, 4, "device event suppression area")?,
+                size: layout.size,
+                packed: true,
+            });
+        }
         Ok(RingPlacement {
             desc: part(layout.desc_table, 16 * size, 16, "descriptor table")?,
             // flags, idx, ring[size], used_event
@@ -396,11 +440,37 @@ impl MappedMemory {
             // flags, idx, ring[size] of {id, len}, avail_event
             used: part(layout.used_ring, 6 + 8 * size, 4, "used ring")?,
             size: layout.size,
+            packed: false,
         })
     }
 
-    /// The ring placed by [`Self::place_ring`] on this memory table.
+    /// The packed ring placed by [`Self::place_ring`] on this memory table.
+    pub fn packed_ring(&self, placement: &RingPlacement) -> Option<PackedRingView<'_>> {
+        if !placement.packed {
+            return None;
+        }
+        let checked =
+            |piece: Piece, len: usize| (piece.len() >= len).then(|| self.host(piece)).flatten();
+        Some(PackedRingView {
+            mem: self,
+            desc: checked(
+                placement.desc,
+                DESCRIPTOR_SIZE * usize::from(placement.size),
+            )?,
+            desc_piece: placement.desc,
+            driver: checked(placement.avail, EVENT_AREA_SIZE)?,
+            device: checked(placement.used, EVENT_AREA_SIZE)?,
+            device_piece: placement.used,
+            size: placement.size,
+            mask: placement.size.wrapping_sub(1),
+        })
+    }
+
+    /// The split ring placed by [`Self::place_ring`] on this memory table.
     pub fn ring(&self, placement: &RingPlacement) -> Option<RingView<'_>> {
+        if placement.packed {
+            return None;
+        }
         let size = usize::from(placement.size);
         let checked =
             |piece: Piece, len: usize| (piece.len() >= len).then(|| self.host(piece)).flatten();
@@ -459,35 +529,72 @@ pub enum TranslateError {
     TooManyPieces,
 }
 
-/// A cache hint for `at`, which lies in mapped guest memory.
+/// A cache hint for `at`, which lies in mapped guest memory: read (shared), or
+/// with `write` (and a CPU that has PREFETCHW) for ownership, so that the store
+/// that follows does not wait for the line to be taken from the driver's cache.
 #[inline(always)]
 fn prefetch(at: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        // SAFETY: a prefetch is only a hint: it never faults and changes no memory,
-        // whatever the address; SSE is part of the x86_64 baseline.
-        unsafe {
-            if write {
-                _mm_prefetch::<_MM_HINT_ET0>(at.cast());
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(at.cast());
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        if write && *HAS_PREFETCHW {
+            // SAFETY: a prefetch is only a hint: it never faults and changes no
+            // memory, whatever the address; the CPU has the instruction (CPUID).
+            unsafe {
+                std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly));
             }
+            return;
         }
+        // SAFETY: as above; SSE is part of the x86_64 baseline. (`_MM_HINT_ET0`
+        // compiles to a read prefetch unless the whole crate targets PRFCHW.)
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (at, write);
 }
+
+/// CPUID.80000001H:ECX bit 8: the CPU has PREFETCHW (AMD since K6-2, Intel since
+/// Broadwell). Rust's feature detection does not name it.
+#[cfg(target_arch = "x86_64")]
+static HAS_PREFETCHW: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    use std::arch::x86_64::__cpuid;
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 0x80000001 is read only when
+    // the highest extended leaf says it exists. (Safe to call since Rust 1.87; this
+    // crate builds with 1.85.)
+    #[allow(unused_unsafe)]
+    unsafe {
+        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+    }
+});
 
 /// Read one descriptor at `at`.
 ///
 /// # Safety
 /// `at .. at + 16` must lie in mapped guest memory.
 unsafe fn read_descriptor(at: *const u8) -> Descriptor {
-    // SAFETY: the 16 bytes are mapped (the caller's promise). A byte array has
-    // alignment 1, so any address will do (indirect tables need not be aligned);
-    // volatile, because the guest may write it concurrently: the datapath uses this
-    // copy only, so a length is never read twice.
+    if at as usize % 8 == 0 {
+        // Ring descriptors (16-aligned) and nearly every indirect table: two 8-byte
+        // loads. A volatile read of a byte array compiles to 16 byte loads, which cost
+        // more than the rest of the walk.
+        let words = at.cast::<u64>();
+        // SAFETY: the 16 bytes are mapped (the caller's promise) and 8-aligned.
+        // Volatile, because the guest may write them concurrently: the datapath uses
+        // this copy only, so a length is never read twice.
+        let (addr, rest) = unsafe {
+            (
+                u64::from_le(ptr::read_volatile(words)),
+                u64::from_le(ptr::read_volatile(words.add(1))),
+            )
+        };
+        return Descriptor {
+            addr,
+            len: rest as u32,
+            flags: (rest >> 32) as u16,
+            next: (rest >> 48) as u16,
+        };
+    }
+    // SAFETY: as above; a byte array has alignment 1, so any address will do
+    // (an indirect table need not be aligned).
     let raw = unsafe { ptr::read_volatile(at.cast::<[u8; DESCRIPTOR_SIZE]>()) };
     Descriptor::from_le_bytes(raw)
 }
@@ -511,6 +618,11 @@ impl DescriptorTable<'_> {
         // SAFETY: index < count = table length / 16, and the table lies in one mapped
         // region (checked in `indirect_table`), kept mapped by the borrowed memory.
         Some(unsafe { read_descriptor(self.base.add(usize::from(index) * DESCRIPTOR_SIZE)) })
+    }
+
+    /// Entry `index` of a packed ring's indirect table (same 16-byte layout).
+    pub fn get_packed(&self, index: u16) -> Option<PackedDescriptor> {
+        self.get(index).map(PackedDescriptor::from)
     }
 }
 
@@ -589,7 +701,7 @@ impl<'m> RingView<'m> {
     pub fn prefetch_chain(&self, position: Wrapping<u16>, write: bool) {
         let head = self.avail_entry(position);
         if let Some(desc) = self.descriptor(head) {
-            self.mem.prefetch(desc.addr, write);
+            self.mem.prefetch(desc.addr, desc.len, write);
         }
     }
 
@@ -682,3 +794,139 @@ impl<'m> RingView<'m> {
         self.mem.mark_dirty(self.used_piece, 0, 2);
     }
 }
+
+/// Bytes of an event suppression structure: `off_wrap`, then `flags`.
+const EVENT_AREA_SIZE: usize = 4;
+/// Offset of a packed descriptor's flags, written last by whoever hands it over.
+const PACKED_FLAGS_OFFSET: usize = 14;
+
+/// A packed ring in host memory for one pass of the datapath.
+///
+/// Positions are taken modulo the ring size (a power of two), so every access lies
+/// in the descriptor ring whatever position the caller passes.
+pub struct PackedRingView<'m> {
+    mem: &'m MappedMemory,
+    desc: *mut u8,
+    desc_piece: Piece,
+    driver: *const u8,
+    device: *mut u8,
+    device_piece: Piece,
+    size: u16,
+    mask: u16,
+}
+
+impl<'m> PackedRingView<'m> {
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The memory the ring lies in (its buffers are translated there).
+    pub fn memory(&self) -> &'m MappedMemory {
+        self.mem
+    }
+
+    fn slot(&self, position: u16) -> usize {
+        usize::from(position & self.mask) * DESCRIPTOR_SIZE
+    }
+
+    fn atomic_u16(&self, at: *const u8) -> &AtomicU16 {
+        // SAFETY: every caller passes a 2-aligned field inside a part checked to be
+        // mapped and aligned (`place_ring`, `packed_ring`): a descriptor's flags in the
+        // 16-aligned ring, or a field of a 4-aligned event area. The reference lives no
+        // longer than `self`, which borrows the memory that keeps it mapped.
+        unsafe { AtomicU16::from_ptr(at.cast_mut().cast()) }
+    }
+
+    fn flags_field(&self, position: u16) -> &AtomicU16 {
+        // SAFETY: `slot` < 16 * size, the length of the checked descriptor ring.
+        self.atomic_u16(unsafe { self.desc.add(self.slot(position) + PACKED_FLAGS_OFFSET) })
+    }
+
+    /// The descriptor at `position` is available in the driver's round `wrap`
+    /// (acquire: its other fields, written before its flags, are visible).
+    pub fn is_available(&self, position: u16, wrap: bool) -> bool {
+        let flags = u16::from_le(self.flags_field(position).load(Ordering::Acquire));
+        let avail = flags & PACKED_AVAIL != 0;
+        let used = flags & PACKED_USED != 0;
+        avail == wrap && used != wrap
+    }
+
+    /// The descriptor at `position`, read once.
+    pub fn descriptor(&self, position: u16) -> PackedDescriptor {
+        // SAFETY: `slot` < 16 * size, the length of the checked descriptor ring.
+        unsafe { read_descriptor(self.desc.add(self.slot(position))) }.into()
+    }
+
+    /// Write the id and length of a used descriptor at `position`; the driver
+    /// ignores them until [`Self::hand_back`] sets its flags.
+    pub fn write_used(&self, position: u16, id: u16, len: u32) {
+        // SAFETY: `slot` < 16 * size, the length of the checked, 16-aligned ring, so
+        // the u32 length at +8 and the u16 id at +12 are aligned and mapped.
+        unsafe {
+            let desc = self.desc.add(self.slot(position));
+            ptr::write_volatile(desc.add(8).cast::<u32>(), len.to_le());
+            ptr::write_volatile(desc.add(12).cast::<u16>(), id.to_le());
+        }
+    }
+
+    /// Hand the descriptor at `position` back to the driver as used in round `wrap`
+    /// (`written`: the device wrote into its buffers). `release`: everything written
+    /// before is visible to a driver that sees these flags.
+    pub fn hand_back(&self, position: u16, wrap: bool, written: bool, release: bool) {
+        let mut flags = if wrap { PACKED_AVAIL | PACKED_USED } else { 0 };
+        if written {
+            flags |= virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        }
+        let order = if release {
+            Ordering::Release
+        } else {
+            Ordering::Relaxed
+        };
+        self.flags_field(position).store(flags.to_le(), order);
+    }
+
+    /// Mark the descriptors from `first` to `last` (positions, wrapping) dirty.
+    pub fn mark_used_dirty(&self, first: u16, last: u16) {
+        let (first, last) = (self.slot(first), self.slot(last));
+        if first <= last {
+            self.mem
+                .mark_dirty(self.desc_piece, first, last - first + DESCRIPTOR_SIZE);
+        } else {
+            let ring = DESCRIPTOR_SIZE * usize::from(self.size);
+            self.mem.mark_dirty(self.desc_piece, first, ring - first);
+            self.mem
+                .mark_dirty(self.desc_piece, 0, last + DESCRIPTOR_SIZE);
+        }
+    }
+
+    /// The driver's event suppression: `(off_wrap, flags)`.
+    pub fn driver_event(&self) -> (u16, u16) {
+        let off_wrap = self.atomic_u16(self.driver).load(Ordering::Relaxed);
+        // SAFETY: the driver area was checked to hold 4 bytes; flags is at +2.
+        let flags = self
+            .atomic_u16(unsafe { self.driver.add(2) })
+            .load(Ordering::Relaxed);
+        (u16::from_le(off_wrap), u16::from_le(flags))
+    }
+
+    /// Set the device's event suppression flags (ENABLE or DISABLE kicks).
+    pub fn set_device_event_flags(&self, flags: u16) {
+        // SAFETY: the device area was checked to hold 4 bytes; flags is at +2.
+        let field = self.atomic_u16(unsafe { self.device.add(2) });
+        field.store(flags.to_le(), Ordering::Relaxed);
+        self.mem.mark_dirty(self.device_piece, 2, 2);
+    }
+
+    /// Prefetch the descriptor at `position`, and its buffer if the driver already
+    /// made it available. A hint only: the chain is read again, and checked, when
+    /// its turn comes.
+    pub fn prefetch(&self, position: u16, wrap: bool, write: bool) {
+        if self.is_available(position, wrap) {
+            let desc = self.descriptor(position);
+            self.mem.prefetch(desc.addr, desc.len, write);
+        }
+    }
+}
+
+const PACKED_AVAIL: u16 = 1 << virtio_bindings::bindings::virtio_ring::VRING_PACKED_DESC_F_AVAIL;
+const PACKED_USED: u16 = 1 << virtio_bindings::bindings::virtio_ring::VRING_PACKED_DESC_F_USED;

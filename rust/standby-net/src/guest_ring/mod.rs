@@ -1,4 +1,4 @@
-//! The split virtqueue as host pointers: the datapath's access to guest memory.
+//! Split and packed virtqueues as host pointers: the datapath's access to guest memory.
 //!
 //! vm-memory maps guest memory and virtio-queue's `Queue` holds each ring's addresses
 //! and indices; both stay. What this module replaces is their per-access path: every
@@ -19,5 +19,7 @@ mod mapped;
 #[cfg(test)]
 mod tests;
 
-pub use chain::{walk_chain, ChainError, ChainRules};
-pub use mapped::{MappedMemory, Piece, RingLayout, RingPlacement, RingPlacementError, RingView};
+pub use chain::{walk_chain, walk_packed_chain, ChainError, ChainRules};
+pub use mapped::{
+    MappedMemory, PackedRingView, Piece, RingLayout, RingPlacement, RingPlacementError, RingView,
+};

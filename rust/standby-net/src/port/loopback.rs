@@ -6,7 +6,6 @@
 //! makes the port usable for exact-count tests.
 
 use std::io;
-use std::os::unix::io::RawFd;
 
 use super::{GuestFrame, Port, TxOutcome};
 
@@ -19,22 +18,6 @@ impl Port for LoopPort {
             "the loop port's frames are copied by its queue pair",
         ))
     }
-
-    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
-        Ok(None)
-    }
-
-    fn consume_rx(&mut self) {}
-
-    fn rx_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn configure(&mut self, _vnet_hdr_len: usize, _acked_features: u64) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn reset(&mut self) {}
 
     fn loops_back(&self) -> bool {
         true

@@ -72,6 +72,9 @@ pub enum TxOutcome {
 }
 
 /// The host side of one queue pair.
+///
+/// Only [`Port::transmit`] is required: the defaults are those of a port that takes
+/// the guest's frames and sends it none (`null`, `sink`, `loop`).
 pub trait Port: Send {
     /// Hand one frame from the guest to the host side.
     fn transmit(&mut self, frame: &GuestFrame<'_>) -> io::Result<TxOutcome>;
@@ -79,24 +82,30 @@ pub trait Port: Send {
     /// The next frame for the guest, virtio-net header first. It stays here until
     /// [`Port::consume_rx`], so a frame that finds no guest buffer is not lost.
     /// The caller may rewrite the header in place (`num_buffers`).
-    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>>;
+    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
+        Ok(None)
+    }
 
     /// Forget the frame `peek_rx` returned.
-    fn consume_rx(&mut self);
+    fn consume_rx(&mut self) {}
 
     /// A descriptor that becomes readable when `peek_rx` may have a new frame,
     /// watched edge-triggered; `None` for ports fed only by `transmit`.
-    fn rx_fd(&self) -> Option<RawFd>;
+    fn rx_fd(&self) -> Option<RawFd> {
+        None
+    }
 
     /// `rx_fd` woke the worker (a port whose descriptor must be read to signal again
     /// reads it here).
     fn woken(&mut self) {}
 
     /// Header length and offloads the guest acked.
-    fn configure(&mut self, vnet_hdr_len: usize, acked_features: u64) -> io::Result<()>;
+    fn configure(&mut self, _vnet_hdr_len: usize, _acked_features: u64) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Drop frames held for a connection that is gone.
-    fn reset(&mut self);
+    fn reset(&mut self) {}
 
     /// Every frame goes back to the guest: the queue pair then copies transmit
     /// buffers straight into receive buffers and never calls `transmit` or `peek_rx`.
@@ -127,11 +136,13 @@ pub struct OpenPorts {
     pub host_side: Option<HostSide>,
 }
 
-/// Open one port per queue pair; `guest_mac` is where generated frames go.
+/// Open one port per queue pair; `guest_mac` is where generated frames go, `mtu`
+/// the guest's (a TAP gets it too).
 pub fn open_ports(
     spec: &PortSpec,
     queue_pairs: u16,
     guest_mac: MacAddr,
+    mtu: u16,
 ) -> Result<OpenPorts, OpenPortError> {
     match spec {
         PortSpec::Null => Ok(OpenPorts {
@@ -164,7 +175,7 @@ pub fn open_ports(
             host_side: None,
         }),
         PortSpec::Tap { name } => {
-            let opened = open_tap_queues(name, queue_pairs)?;
+            let opened = open_tap_queues(name, queue_pairs, mtu)?;
             let offload_features = if opened.offloads_supported {
                 OFFLOAD_FEATURES
             } else {

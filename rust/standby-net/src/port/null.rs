@@ -3,7 +3,6 @@
 //! consumer that copies frames (DPDK's rxonly) compares like with like.
 
 use std::io;
-use std::os::unix::io::RawFd;
 
 use super::{GuestFrame, Port, TxOutcome};
 use crate::virtio_net::MAX_HDR_AND_FRAME_LEN;
@@ -15,22 +14,6 @@ impl Port for NullPort {
         // Counted as sent by the transmit queue: the guest's frame left the device.
         Ok(TxOutcome::Sent)
     }
-
-    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
-        Ok(None)
-    }
-
-    fn consume_rx(&mut self) {}
-
-    fn rx_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn configure(&mut self, _vnet_hdr_len: usize, _acked_features: u64) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn reset(&mut self) {}
 }
 
 /// Reads every frame into one scratch buffer, then drops it.
@@ -54,20 +37,4 @@ impl Port for SinkPort {
         std::hint::black_box(&self.scratch[..len]);
         Ok(TxOutcome::Sent)
     }
-
-    fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
-        Ok(None)
-    }
-
-    fn consume_rx(&mut self) {}
-
-    fn rx_fd(&self) -> Option<RawFd> {
-        None
-    }
-
-    fn configure(&mut self, _vnet_hdr_len: usize, _acked_features: u64) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn reset(&mut self) {}
 }

@@ -25,6 +25,13 @@ pub enum OpenTapError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot set the MTU of TAP {name:?} to {mtu}")]
+    SetMtu {
+        name: String,
+        mtu: u16,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set TAP {name:?} up")]
     SetUp {
         name: String,
@@ -53,8 +60,9 @@ pub struct OpenedTap {
     pub offloads_supported: bool,
 }
 
-/// Open `queue_pairs` queues of TAP `name` (creating it if needed) and set it up.
-pub fn open_tap_queues(name: &str, queue_pairs: u16) -> Result<OpenedTap, OpenTapError> {
+/// Open `queue_pairs` queues of TAP `name` (creating it if needed), give it the
+/// guest's MTU and set it up.
+pub fn open_tap_queues(name: &str, queue_pairs: u16, mtu: u16) -> Result<OpenedTap, OpenTapError> {
     let multi_queue = queue_pairs > 1;
     let taps = (0..queue_pairs)
         .map(|queue| {
@@ -83,6 +91,11 @@ pub fn open_tap_queues(name: &str, queue_pairs: u16) -> Result<OpenedTap, OpenTa
     } else {
         log::info!("TAP {name}: no offload support; checksum and TSO are not offered");
     }
+    first.set_mtu(mtu).map_err(|source| OpenTapError::SetMtu {
+        name: name.clone(),
+        mtu,
+        source,
+    })?;
     first.set_up().map_err(|source| OpenTapError::SetUp {
         name: name.clone(),
         source,

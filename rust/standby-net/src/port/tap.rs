@@ -35,6 +35,15 @@ fn ifreq_for(name: &str) -> io::Result<libc::ifreq> {
     Ok(ifr)
 }
 
+/// A socket for interface ioctls (SIOCSIFFLAGS, SIOCSIFMTU).
+fn control_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned right below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(raw)?;
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret < 0 {
         Err(io::Error::last_os_error())
@@ -90,13 +99,19 @@ impl Tap {
         })
     }
 
+    /// Set the interface's MTU: the largest frame the host stack sends through it
+    /// (toward the guest) without fragmenting.
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let sock = control_socket()?;
+        let mut ifr = ifreq_for(&self.name)?;
+        ifr.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+        // SAFETY: SIOCSIFMTU reads one ifreq, which lives for the call.
+        check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &ifr) })
+    }
+
     /// Set the link up (IFF_UP), as a NIC cable plugged in.
     pub fn set_up(&self) -> io::Result<()> {
-        // SAFETY: plain socket(2); the descriptor is owned right below.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        check(raw)?;
-        // SAFETY: `raw` is a fresh descriptor nobody else owns.
-        let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+        let sock = control_socket()?;
         let mut ifr = ifreq_for(&self.name)?;
         // SAFETY: SIOCGIFFLAGS fills one ifreq, which lives for the call.
         check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) })?;

@@ -13,7 +13,7 @@ use super::{
     check_frame_len, queue_usable, signal_if, AvailCursor, FrameSource, Kicks, LinkParams,
     Placement, QueuePair, TX_CHAINS,
 };
-use crate::guest_ring::{walk_chain, MappedMemory};
+use crate::guest_ring::MappedMemory;
 use crate::stats::CounterDelta;
 use crate::Vring;
 
@@ -38,7 +38,7 @@ impl QueuePair {
         let tx_queue = tx_state.get_queue_mut();
         let rx_queue = rx_state.get_queue_mut();
         let (tx_index, rx_index) = (self.tx.queue, self.rx.queue);
-        let tx_ring = match self.tx.ring.view(tx_index, tx_queue, mem) {
+        let tx_ring = match self.tx.ring.view(tx_index, tx_queue, mem, link.packed_ring) {
             Ok(Some(ring)) => ring,
             Ok(None) => return false,
             Err(e) => {
@@ -46,7 +46,7 @@ impl QueuePair {
                 return false;
             }
         };
-        let rx_ring = match self.rx.ring.view(rx_index, rx_queue, mem) {
+        let rx_ring = match self.rx.ring.view(rx_index, rx_queue, mem, link.packed_ring) {
             Ok(Some(ring)) => ring,
             Ok(None) => return false,
             Err(e) => {
@@ -56,25 +56,30 @@ impl QueuePair {
         };
         let (tx_event_idx, rx_event_idx) =
             (tx_queue.event_idx_enabled(), rx_queue.event_idx_enabled());
-        let mut tx_cursor = AvailCursor::new(tx_queue);
-        let mut rx_cursor = AvailCursor::new(rx_queue);
+        let mut tx_cursor = AvailCursor::new(tx_index, tx_queue);
+        let mut rx_cursor = AvailCursor::new(rx_index, rx_queue);
         let (mut tx_delta, mut rx_delta) = (CounterDelta::default(), CounterDelta::default());
-        self.tx.used.begin(tx_queue);
-        self.rx.used.begin(rx_queue);
+        self.tx.used.begin(tx_queue, &tx_ring);
+        self.rx.used.begin(rx_queue, &rx_ring);
         self.tx.ring.suppress_kicks(&tx_ring, tx_event_idx);
         let mut starved = false;
         loop {
             if let Err(e) = tx_cursor
-                .refresh(&tx_ring, tx_index)
-                .and_then(|()| rx_cursor.refresh(&rx_ring, rx_index))
+                .refresh(&tx_ring)
+                .and_then(|()| rx_cursor.refresh(&rx_ring))
             {
                 self.errors.error(e.queue(), &e);
                 break;
             }
-            let mut waiting = 0;
-            while let Some(head) = tx_cursor.take(&tx_ring, false) {
+            loop {
+                let mark = tx_cursor.mark();
                 self.tx.pieces.clear();
-                match walk_chain(&tx_ring, head, TX_CHAINS, &mut self.tx.pieces)
+                let Some(taken) = tx_cursor.next_chain(&tx_ring, TX_CHAINS, &mut self.tx.pieces)
+                else {
+                    break;
+                };
+                match taken
+                    .walk
                     .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
                 {
                     Ok(len) => {
@@ -102,11 +107,10 @@ impl QueuePair {
                                 tx_delta.bytes += bytes;
                                 rx_delta.drops += 1;
                             }
-                            Placement::NoBuffers(available) => {
+                            Placement::NoBuffers => {
                                 // The frame waits in the transmit ring for buffers.
-                                tx_cursor.give_back(1);
+                                tx_cursor.rewind(mark);
                                 starved = true;
-                                waiting = available;
                                 break;
                             }
                         }
@@ -116,7 +120,7 @@ impl QueuePair {
                         self.tx.errors.error(tx_index, &e);
                     }
                 }
-                self.tx.used.push(head, 0);
+                self.tx.used.push(taken.id, 0, taken.slots);
                 self.tx.used.publish_if_full(&tx_ring);
             }
             self.tx.used.publish(&tx_ring);
@@ -125,21 +129,16 @@ impl QueuePair {
                 // Ask for a kick when buffers come (the transmit side waits for them,
                 // not for a kick of its own); go on if some came meanwhile.
                 if kicks == Kicks::Arm {
-                    self.rx
-                        .ring
-                        .allow_kicks(&rx_ring, rx_event_idx, rx_cursor.next);
+                    self.rx.ring.allow_kicks(&rx_ring, rx_event_idx, &rx_cursor);
                 }
-                if (rx_ring.avail_idx() - rx_cursor.next).0 as usize <= waiting {
+                if !rx_cursor.more_since_empty(&rx_ring) {
                     break;
                 }
                 starved = false;
                 continue;
             }
             if kicks == Kicks::Suppress
-                || !self
-                    .tx
-                    .ring
-                    .allow_kicks(&tx_ring, tx_event_idx, tx_cursor.next)
+                || !self.tx.ring.allow_kicks(&tx_ring, tx_event_idx, &tx_cursor)
             {
                 break;
             }
@@ -147,6 +146,11 @@ impl QueuePair {
         }
         if !starved {
             self.rx.ring.suppress_kicks(&rx_ring, rx_event_idx);
+        }
+        for cursor in [&mut tx_cursor, &mut rx_cursor] {
+            if let Some(e) = cursor.take_error() {
+                self.errors.error(e.queue(), &e);
+            }
         }
         tx_queue.set_next_avail(tx_cursor.next.0);
         rx_queue.set_next_avail(rx_cursor.next.0);

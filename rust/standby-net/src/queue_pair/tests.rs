@@ -1,12 +1,19 @@
 //! Datapath tests: descriptor chains laid out in guest memory as a driver does,
 //! vrings set up as vhost-user-backend does, then one `pump` and a look at the
-//! used rings and guest memory.
+//! used rings and guest memory. Every test runs on a split and on a packed ring
+//! (`both_formats!` at the end): the driver side below speaks both.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use vhost_user_backend::VringT;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+};
+use virtio_queue::desc::{
+    packed::Descriptor as PackedDescriptor, split::Descriptor as SplitDescriptor, RawDescriptor,
+};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::*;
@@ -19,13 +26,21 @@ const RX_RING: GuestAddress = GuestAddress(0x0);
 const TX_RING: GuestAddress = GuestAddress(0x1_0000);
 const MEM_SIZE: usize = 0x10_0000;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Split,
+    Packed,
+}
+
 const MERGEABLE: LinkParams = LinkParams {
     vnet_hdr_len: VNET_HDR_LEN_V1,
     mergeable_rx: true,
+    packed_ring: false,
 };
 const ONE_BUFFER: LinkParams = LinkParams {
     vnet_hdr_len: VNET_HDR_LEN_V1,
     mergeable_rx: false,
+    packed_ring: false,
 };
 
 /// A readable (`false`) or device-writable (`true`) buffer.
@@ -52,15 +67,64 @@ fn chain(first: u16, segments: &[Segment]) -> Vec<RawDescriptor> {
         .collect()
 }
 
+/// The driver's side of one packed ring.
+#[derive(Default)]
+struct PackedDriver {
+    /// Position and wrap counter of the next descriptor to make available.
+    avail: (u16, bool),
+    /// Position and wrap counter of the next used descriptor to look at.
+    used: (u16, bool),
+    /// Descriptors each buffer id took.
+    slots: HashMap<u16, u16>,
+    /// `(id, len)` of every used descriptor seen so far.
+    seen: Vec<(u32, u32)>,
+}
+
+impl PackedDriver {
+    fn new() -> Self {
+        Self {
+            avail: (0, true),
+            used: (0, true),
+            ..Self::default()
+        }
+    }
+}
+
+fn packed_flags(wrap: bool) -> u16 {
+    if wrap {
+        (1 << VRING_PACKED_DESC_F_AVAIL) as u16
+    } else {
+        (1 << VRING_PACKED_DESC_F_USED) as u16
+    }
+}
+
+fn packed_used(flags: u16, wrap: bool) -> bool {
+    let avail = flags & (1 << VRING_PACKED_DESC_F_AVAIL) as u16 != 0;
+    let used = flags & (1 << VRING_PACKED_DESC_F_USED) as u16 != 0;
+    avail == wrap && used == wrap
+}
+
+fn step((position, wrap): (u16, bool), slots: u16) -> (u16, bool) {
+    let next = position + slots;
+    if next >= QUEUE_SIZE {
+        (next - QUEUE_SIZE, !wrap)
+    } else {
+        (next, wrap)
+    }
+}
+
 struct Rig {
+    format: Format,
     mem: GuestMemoryAtomic<GuestMemory>,
     rx: Vring,
     tx: Vring,
     counters: Arc<DeviceCounters>,
     pair: QueuePair,
-    /// Next free descriptor index of each queue.
+    /// Next free descriptor index of each queue (split); next buffer id (packed).
     next_rx_desc: u16,
     next_tx_desc: u16,
+    packed_rx: PackedDriver,
+    packed_tx: PackedDriver,
 }
 
 // Split ring layout: descriptor table, then the available ring, then the used ring
@@ -89,44 +153,151 @@ fn add_chain(mem: &GuestMemory, ring: GuestAddress, first: u16, descs: &[RawDesc
         .unwrap();
 }
 
-fn vring(mem: &GuestMemoryAtomic<GuestMemory>, ring: GuestAddress) -> Vring {
+// Packed ring layout: the descriptor ring, then the driver's and the device's
+// event suppression areas.
+fn driver_area(ring: GuestAddress) -> GuestAddress {
+    ring.unchecked_add(0x800)
+}
+
+fn device_area(ring: GuestAddress) -> GuestAddress {
+    ring.unchecked_add(0x900)
+}
+
+fn vring(mem: &GuestMemoryAtomic<GuestMemory>, ring: GuestAddress, format: Format) -> Vring {
     let vring = Vring::new(mem.clone(), QUEUE_SIZE).unwrap();
     vring.set_queue_size(QUEUE_SIZE);
-    vring
-        .set_queue_info(ring.0, avail_ring(ring).0, used_ring(ring).0)
-        .unwrap();
+    match format {
+        Format::Split => vring
+            .set_queue_info(ring.0, avail_ring(ring).0, used_ring(ring).0)
+            .unwrap(),
+        Format::Packed => {
+            vring
+                .set_queue_info(ring.0, driver_area(ring).0, device_area(ring).0)
+                .unwrap();
+            // Position 0, wrap counter 1: where a frontend starts a packed ring.
+            vring.set_queue_next_avail(0x8000);
+        }
+    }
     vring.set_queue_ready(true);
     vring.set_enabled(true);
     vring
 }
 
 impl Rig {
-    fn new(port: Box<dyn Port>) -> Self {
+    fn new(format: Format, port: Box<dyn Port>) -> Self {
         let mem = GuestMemoryAtomic::new(
             GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         );
         let counters = Arc::new(DeviceCounters::new(2));
         let port: SharedPort = Arc::new(Mutex::new(port));
         Self {
-            rx: vring(&mem, RX_RING),
-            tx: vring(&mem, TX_RING),
+            format,
+            rx: vring(&mem, RX_RING, format),
+            tx: vring(&mem, TX_RING, format),
             pair: QueuePair::new(0, port, Arc::clone(&counters)),
             mem,
             counters,
             next_rx_desc: 0,
             next_tx_desc: 0,
+            packed_rx: PackedDriver::new(),
+            packed_tx: PackedDriver::new(),
         }
     }
 
-    fn add(&mut self, ring: GuestAddress, segments: &[Segment]) {
-        let first = if ring == RX_RING {
-            &mut self.next_rx_desc
+    fn driver(&mut self, ring: GuestAddress) -> (&mut u16, &mut PackedDriver) {
+        if ring == RX_RING {
+            (&mut self.next_rx_desc, &mut self.packed_rx)
         } else {
-            &mut self.next_tx_desc
-        };
-        let descs = chain(*first, segments);
-        add_chain(&self.mem.memory(), ring, *first, &descs);
+            (&mut self.next_tx_desc, &mut self.packed_tx)
+        }
+    }
+
+    /// Make a chain of `segments` available, with `flags` on each descriptor
+    /// besides WRITE and NEXT (INDIRECT, for one).
+    fn add_with(&mut self, ring: GuestAddress, segments: &[Segment], extra: u16) {
+        let format = self.format;
+        let mem = self.mem.memory();
+        let (first, packed) = self.driver(ring);
+        match format {
+            Format::Split => {
+                let index = *first % QUEUE_SIZE;
+                let mut descs = chain(index, segments);
+                for desc in &mut descs {
+                    let split = SplitDescriptor::from(*desc);
+                    *desc = RawDescriptor::from(SplitDescriptor::new(
+                        split.addr().0,
+                        split.len(),
+                        split.flags() | extra,
+                        split.next(),
+                    ));
+                }
+                add_chain(&mem, ring, index, &descs);
+            }
+            Format::Packed => {
+                // Every descriptor but the head first, then the head's flags, as a
+                // driver hands a chain over; the id goes on every descriptor.
+                let id = *first;
+                let head = packed.avail;
+                let mut at = head;
+                let mut head_desc = None;
+                for (i, &(addr, len, writable)) in segments.iter().enumerate() {
+                    let mut flags = packed_flags(at.1) | extra;
+                    if writable {
+                        flags |= VRING_DESC_F_WRITE as u16;
+                    }
+                    if i + 1 < segments.len() {
+                        flags |= VRING_DESC_F_NEXT as u16;
+                    }
+                    let desc = RawDescriptor::from(PackedDescriptor::new(addr, len, id, flags));
+                    if i == 0 {
+                        head_desc = Some(desc);
+                    } else {
+                        mem.write_obj(desc, ring.unchecked_add(16 * u64::from(at.0)))
+                            .unwrap();
+                    }
+                    at = step(at, 1);
+                }
+                mem.write_obj(
+                    head_desc.unwrap(),
+                    ring.unchecked_add(16 * u64::from(head.0)),
+                )
+                .unwrap();
+                packed.avail = at;
+                packed.slots.insert(id, segments.len() as u16);
+            }
+        }
         *first += segments.len() as u16;
+    }
+
+    fn add(&mut self, ring: GuestAddress, segments: &[Segment]) {
+        self.add_with(ring, segments, 0);
+    }
+
+    /// Make available one descriptor pointing at an indirect table at `table`
+    /// that holds `segments`.
+    fn add_indirect(&mut self, ring: GuestAddress, table: u64, segments: &[Segment]) {
+        let descs: Vec<RawDescriptor> = match self.format {
+            Format::Split => chain(0, segments),
+            Format::Packed => segments
+                .iter()
+                .map(|&(addr, len, writable)| {
+                    let flags = if writable {
+                        VRING_DESC_F_WRITE as u16
+                    } else {
+                        0
+                    };
+                    RawDescriptor::from(PackedDescriptor::new(addr, len, 0, flags))
+                })
+                .collect(),
+        };
+        let mem = self.mem.memory();
+        for (i, desc) in descs.iter().enumerate() {
+            mem.write_obj(*desc, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        drop(mem);
+        let len = 16 * segments.len() as u32;
+        self.add_with(ring, &[(table, len, false)], VRING_DESC_F_INDIRECT as u16);
     }
 
     /// Post a transmit chain; the frame bytes are written into its buffers.
@@ -152,21 +323,50 @@ impl Rig {
 
     fn pump(&mut self, link: LinkParams) {
         let guard = self.mem.memory();
+        let link = LinkParams {
+            packed_ring: self.format == Format::Packed,
+            ..link
+        };
         self.pair
             .pump(&self.rx, &self.tx, &guard, link, false, Kicks::Arm);
     }
 
-    /// `(head, len)` of every used entry of the ring at `ring`.
-    fn used(&self, ring: GuestAddress) -> Vec<(u32, u32)> {
+    /// `(id, len)` of every used entry of the ring at `ring` so far: a split ring's
+    /// used ring; a packed ring's used descriptors, as its driver collects them.
+    fn used(&mut self, ring: GuestAddress) -> Vec<(u32, u32)> {
+        if self.format == Format::Packed {
+            return self.packed_used(ring);
+        }
         let guard = self.mem.memory();
         let used = used_ring(ring);
         let count: u16 = guard.read_obj(used.unchecked_add(2)).unwrap();
-        (0..u64::from(count))
+        // Past a ring of them, the oldest are overwritten: only the last ring's worth.
+        (u64::from(count.saturating_sub(QUEUE_SIZE))..u64::from(count))
             .map(|i| {
-                let elem: [u32; 2] = guard.read_obj(used.unchecked_add(4 + 8 * i)).unwrap();
+                let slot = i % u64::from(QUEUE_SIZE);
+                let elem: [u32; 2] = guard.read_obj(used.unchecked_add(4 + 8 * slot)).unwrap();
                 (elem[0], elem[1])
             })
             .collect()
+    }
+
+    fn packed_used(&mut self, ring: GuestAddress) -> Vec<(u32, u32)> {
+        let mem = self.mem.memory();
+        let (_, driver) = self.driver(ring);
+        loop {
+            let (position, wrap) = driver.used;
+            let at = ring.unchecked_add(16 * u64::from(position));
+            let flags: u16 = mem.read_obj(at.unchecked_add(14)).unwrap();
+            if !packed_used(flags, wrap) {
+                break;
+            }
+            let len: u32 = mem.read_obj(at.unchecked_add(8)).unwrap();
+            let id: u16 = mem.read_obj(at.unchecked_add(12)).unwrap();
+            driver.seen.push((u32::from(id), len));
+            let slots = driver.slots[&id];
+            driver.used = step(driver.used, slots);
+        }
+        driver.seen.clone()
     }
 
     fn read(&self, addr: u64, len: usize) -> Vec<u8> {
@@ -200,9 +400,8 @@ fn stats(queue: u16, packets: u64, bytes: u64, drops: u64, errors: u64) -> Queue
     }
 }
 
-#[test]
-fn transmitted_frame_is_completed_and_reaches_the_port() {
-    let mut rig = Rig::new(Box::new(NullPort));
+fn transmitted_frame_is_completed_and_reaches_the_port(format: Format) {
+    let mut rig = Rig::new(format, Box::new(NullPort));
     let frame = hdr_and_frame(60, 1);
     // Header and frame in separate descriptors, as Linux sends them.
     rig.send(&[(0x2_0000, 12, false), (0x2_1000, 60, false)], &frame);
@@ -211,9 +410,8 @@ fn transmitted_frame_is_completed_and_reaches_the_port() {
     assert_eq!(rig.stats()[1], stats(1, 1, 60, 0, 0));
 }
 
-#[test]
-fn looped_frame_lands_in_a_receive_buffer_with_its_header() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn looped_frame_lands_in_a_receive_buffer_with_its_header(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let frame = hdr_and_frame(100, 7);
     rig.send(&[(0x2_0000, 112, false)], &frame);
     rig.post_rx(&[(0x4_0000, 2048, true)]);
@@ -230,9 +428,8 @@ fn looped_frame_lands_in_a_receive_buffer_with_its_header() {
     );
 }
 
-#[test]
-fn mergeable_buffers_take_a_frame_in_pieces_and_count_them_in_num_buffers() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn mergeable_buffers_take_a_frame_in_pieces_and_count_them_in_num_buffers(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let frame = hdr_and_frame(238, 3); // 250 bytes with the header
     rig.send(&[(0x2_0000, 250, false)], &frame);
     for i in 0..4 {
@@ -249,9 +446,8 @@ fn mergeable_buffers_take_a_frame_in_pieces_and_count_them_in_num_buffers() {
     assert_eq!(&received[12..], &frame[12..]);
 }
 
-#[test]
-fn a_frame_waits_for_buffers_instead_of_being_dropped() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn a_frame_waits_for_buffers_instead_of_being_dropped(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let frame = hdr_and_frame(200, 9);
     rig.send(&[(0x2_0000, 212, false)], &frame);
     rig.post_rx(&[(0x4_0000, 100, true)]); // not enough for 212 bytes
@@ -267,9 +463,8 @@ fn a_frame_waits_for_buffers_instead_of_being_dropped() {
     assert_eq!(rig.stats()[0], stats(0, 1, 200, 0, 0));
 }
 
-#[test]
-fn without_mergeable_buffers_a_frame_too_big_for_one_buffer_is_dropped() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn without_mergeable_buffers_a_frame_too_big_for_one_buffer_is_dropped(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     rig.send(&[(0x2_0000, 312, false)], &hdr_and_frame(300, 1));
     rig.send(&[(0x2_1000, 72, false)], &hdr_and_frame(60, 2));
     rig.post_rx(&[(0x4_0000, 256, true)]);
@@ -282,9 +477,8 @@ fn without_mergeable_buffers_a_frame_too_big_for_one_buffer_is_dropped() {
     assert_eq!(rig.stats()[0], stats(0, 1, 60, 1, 0));
 }
 
-#[test]
-fn legacy_header_has_no_num_buffers_field() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn legacy_header_has_no_num_buffers_field(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let mut frame = vec![0xaa; VNET_HDR_LEN_LEGACY];
     frame.extend([0x55; 60]);
     rig.send(&[(0x2_0000, 70, false)], &frame);
@@ -292,15 +486,15 @@ fn legacy_header_has_no_num_buffers_field() {
     let legacy = LinkParams {
         vnet_hdr_len: VNET_HDR_LEN_LEGACY,
         mergeable_rx: false,
+        packed_ring: false,
     };
     rig.pump(legacy);
     assert_eq!(rig.used(RX_RING), [(0, 70)]);
     assert_eq!(rig.read(0x4_0000, 70), frame, "copied as is");
 }
 
-#[test]
-fn malformed_transmit_chains_are_completed_empty_and_counted() {
-    let mut rig = Rig::new(Box::new(NullPort));
+fn malformed_transmit_chains_are_completed_empty_and_counted(format: Format) {
+    let mut rig = Rig::new(format, Box::new(NullPort));
     // A writable descriptor in a transmit chain.
     rig.send(&[(0x2_0000, 72, true)], &hdr_and_frame(60, 0));
     // A descriptor past the end of guest memory.
@@ -315,9 +509,8 @@ fn malformed_transmit_chains_are_completed_empty_and_counted() {
     assert_eq!(rig.stats()[1], stats(1, 1, 60, 0, 3));
 }
 
-#[test]
-fn malformed_receive_chain_is_returned_empty_and_the_frame_goes_on() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn malformed_receive_chain_is_returned_empty_and_the_frame_goes_on(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let frame = hdr_and_frame(60, 5);
     rig.send(&[(0x2_0000, 72, false)], &frame);
     rig.post_rx(&[(0x4_0000, 2048, false)]); // read-only: not a receive buffer
@@ -330,23 +523,19 @@ fn malformed_receive_chain_is_returned_empty_and_the_frame_goes_on() {
     assert_eq!(rig.stats()[0], stats(0, 1, 60, 0, 2));
 }
 
-#[test]
-fn indirect_descriptor_tables_are_followed() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn indirect_descriptor_tables_are_followed(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let frame = hdr_and_frame(60, 11);
-    let guard = rig.mem.memory();
-    guard.write_slice(&frame, GuestAddress(0x2_0000)).unwrap();
+    rig.mem
+        .memory()
+        .write_slice(&frame, GuestAddress(0x2_0000))
+        .unwrap();
     // A two-entry table at 0x3000: header, then frame.
-    let table = chain(0, &[(0x2_0000, 12, false), (0x2_000c, 60, false)]);
-    for (i, desc) in table.iter().enumerate() {
-        guard
-            .write_obj(*desc, GuestAddress(0x3000 + 16 * i as u64))
-            .unwrap();
-    }
-    drop(guard);
-    let indirect = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
-    let head = RawDescriptor::from(SplitDescriptor::new(0x3000, 32, indirect, 0));
-    add_chain(&rig.mem.memory(), TX_RING, 0, &[head]);
+    rig.add_indirect(
+        TX_RING,
+        0x3000,
+        &[(0x2_0000, 12, false), (0x2_000c, 60, false)],
+    );
     rig.post_rx(&[(0x4_0000, 2048, true)]);
     rig.pump(MERGEABLE);
 
@@ -355,9 +544,8 @@ fn indirect_descriptor_tables_are_followed() {
     assert_eq!(&rig.read(0x4_0000 + 12, 60), &frame[12..]);
 }
 
-#[test]
-fn a_ring_outside_guest_memory_moves_nothing_and_does_not_panic() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn a_ring_outside_guest_memory_moves_nothing_and_does_not_panic(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     rig.tx
         .set_queue_info(0x2_0000, MEM_SIZE as u64 + 0x1000, 0x3_0000)
         .unwrap();
@@ -365,9 +553,8 @@ fn a_ring_outside_guest_memory_moves_nothing_and_does_not_panic() {
     assert_eq!(rig.stats()[1], stats(1, 0, 0, 0, 0));
 }
 
-#[test]
-fn looped_frames_wait_in_order_until_the_guest_posts_buffers() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn looped_frames_wait_in_order_until_the_guest_posts_buffers(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     // More frames than receive buffers: all are sent once buffers arrive.
     for i in 0..6u64 {
         rig.send(
@@ -406,9 +593,8 @@ fn looped_frames_wait_in_order_until_the_guest_posts_buffers() {
 
 /// VIRTIO_F_IN_ORDER is offered because used entries always follow the order the
 /// chains were made available: through bad chains, and frames waiting for buffers.
-#[test]
-fn used_entries_follow_the_available_order_across_errors_and_waits() {
-    let mut rig = Rig::new(Box::<LoopPort>::default());
+fn used_entries_follow_the_available_order_across_errors_and_waits(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
     let (a, b) = (hdr_and_frame(100, 1), hdr_and_frame(60, 2));
     rig.send(&[(0x2_0000, 12, false), (0x2_1000, 100, false)], &a); // head 0
     rig.send(&[(0x2_2000, 72, true)], &[]); // head 2: writable, refused
@@ -426,3 +612,97 @@ fn used_entries_follow_the_available_order_across_errors_and_waits() {
     assert_eq!(rig.used(RX_RING), [(0, 0), (1, 50), (2, 62), (3, 72)]);
     assert_eq!(rig.stats()[0], stats(0, 2, 160, 0, 1));
 }
+
+/// Forty frames through rings of sixteen: positions (and a packed ring's wrap
+/// counters) go round five times on the transmit side, chains straddle the end,
+/// and the ring base a frontend reads back says where each ring stands.
+fn frames_go_round_the_ring_many_times(format: Format) {
+    let mut rig = Rig::new(format, Box::<LoopPort>::default());
+    for i in 0..40u64 {
+        let frame = hdr_and_frame(60, i as u8);
+        // Header and frame in two descriptors.
+        rig.send(&[(0x2_0000, 12, false), (0x2_1000, 60, false)], &frame);
+        let buffer = 0x4_0000 + (i % 4) * 0x1000;
+        rig.post_rx(&[(buffer, 2048, true)]);
+        rig.pump(MERGEABLE);
+        assert_eq!(rig.used(RX_RING).last().map(|u| u.1), Some(72), "frame {i}");
+        assert_eq!(&rig.read(buffer + 12, 60), &frame[12..], "frame {i}");
+    }
+    assert_eq!(
+        rig.stats(),
+        [stats(0, 40, 2400, 0, 0), stats(1, 40, 2400, 0, 0)]
+    );
+    let bases = (rig.tx.queue_next_avail(), rig.rx.queue_next_avail());
+    match format {
+        Format::Split => assert_eq!(bases, (40, 40)),
+        // Transmit: 80 descriptors, five rounds, wrap counter back to 0 at 0.
+        // Receive: 40 descriptors, two rounds and a half: counter 1, position 8.
+        Format::Packed => assert_eq!(bases, (0x0000, 0x8008)),
+    }
+}
+
+/// A chain with a bad buffer in the middle is refused whole, and the next chain
+/// starts after all of its descriptors.
+fn a_chain_refused_in_the_middle_is_skipped_whole(format: Format) {
+    let mut rig = Rig::new(format, Box::new(NullPort));
+    let frame = hdr_and_frame(60, 4);
+    rig.add(
+        TX_RING,
+        &[
+            (0x2_0000, 12, false),
+            (MEM_SIZE as u64 - 8, 30, false),
+            (0x2_1000, 30, false),
+        ],
+    );
+    rig.send(&[(0x2_2000, 72, false)], &frame);
+    rig.pump(MERGEABLE);
+    assert_eq!(rig.used(TX_RING), [(0, 0), (3, 0)]);
+    assert_eq!(rig.stats()[1], stats(1, 1, 60, 0, 1));
+}
+
+/// A packed chain whose NEXT flags never end has no place the next chain could
+/// start: the ring stops there, and nothing is read past it or completed.
+#[test]
+fn a_packed_chain_without_an_end_stops_the_ring() {
+    let mut rig = Rig::new(Format::Packed, Box::new(NullPort));
+    let segments = [(0x2_0000, 72, false); QUEUE_SIZE as usize];
+    rig.add_with(TX_RING, &segments, VRING_DESC_F_NEXT as u16);
+    rig.pump(MERGEABLE);
+    assert_eq!(rig.used(TX_RING), []);
+    assert_eq!(rig.stats()[1], stats(1, 0, 0, 0, 0));
+    assert_eq!(rig.tx.queue_next_avail(), 0x8000, "the ring base stays");
+}
+
+macro_rules! both_formats {
+    ($($test:ident),* $(,)?) => {
+        mod split {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Format::Split);
+            })*
+        }
+        mod packed {
+            $(#[test]
+            fn $test() {
+                super::$test(super::Format::Packed);
+            })*
+        }
+    };
+}
+
+both_formats!(
+    transmitted_frame_is_completed_and_reaches_the_port,
+    looped_frame_lands_in_a_receive_buffer_with_its_header,
+    mergeable_buffers_take_a_frame_in_pieces_and_count_them_in_num_buffers,
+    a_frame_waits_for_buffers_instead_of_being_dropped,
+    without_mergeable_buffers_a_frame_too_big_for_one_buffer_is_dropped,
+    legacy_header_has_no_num_buffers_field,
+    malformed_transmit_chains_are_completed_empty_and_counted,
+    malformed_receive_chain_is_returned_empty_and_the_frame_goes_on,
+    indirect_descriptor_tables_are_followed,
+    a_ring_outside_guest_memory_moves_nothing_and_does_not_panic,
+    looped_frames_wait_in_order_until_the_guest_posts_buffers,
+    used_entries_follow_the_available_order_across_errors_and_waits,
+    frames_go_round_the_ring_many_times,
+    a_chain_refused_in_the_middle_is_skipped_whole,
+);
