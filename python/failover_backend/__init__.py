@@ -11,7 +11,7 @@ import logging
 from .backend import (
     BackendEvent,
     BackendStats,
-    Negotiation,
+    FrontendFeatures,
     QueueStats,
     StandbyBackend,
     SteeringStatus,
@@ -27,7 +27,7 @@ __all__ = [
     "BackendStats",
     "ConfigError",
     "FailoverError",
-    "Negotiation",
+    "FrontendFeatures",
     "QueueStats",
     "StandbyBackend",
     "SteeringStatus",

@@ -11,26 +11,30 @@ Quick start::
         print(backend.stats().tx_packets)
 
 The datapath runs on native threads that never take the GIL; every method here is
-cheap and non-blocking except the ``wait_*`` coroutines, which wait off the event
-loop.
+cheap and non-blocking. The ``wait_*`` coroutines and :meth:`StandbyBackend.watch`
+wait on an eventfd the native device signals at every change, watched by the event
+loop itself: a quiet backend costs no thread and no CPU, so one process can watch
+hundreds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Union, cast
+from typing import Any, Literal, Union
 
 from . import _native
 from .errors import BackendError, ConfigError
 from .qemu_args import standby_qemu_args
+from .settings import SettingError, native_arguments, python_keyword, setting_and_rule
+from .waiting import Changes
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +48,44 @@ SteerMode = Literal["off", "standby", "releasing", "plugged", "primary"]
 #: Where steering points the host's switch for the guest's MAC.
 SteerPath = Literal["unknown", "standby", "primary"]
 
-# How long one native wait may hold a worker thread; short, so cancellation is prompt.
-_WAIT_SLICE = 0.1
 
+class _NativeChanges:
+    """Wakes coroutines when the native device changes (state, features, events).
 
-@contextmanager
-def _native_errors() -> Iterator[None]:
-    """Turn the native module's exceptions into this package's."""
-    try:
-        yield
-    except _native.BackendError as err:
-        raise BackendError(str(err)) from err
+    The native side counts every change on an eventfd. The event loop watches it only
+    while someone waits (so a backend nobody waits on holds no registration, and a
+    dropped one leaves nothing behind); each wake drains the count. A change made
+    before a waiter registered leaves the fd readable, so it wakes that waiter once,
+    spuriously and harmlessly: waiters look again at what they wait for.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._changes = Changes()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting = 0
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 8)
+        self._changes.notify()
+
+    async def next(self, timeout: float | None) -> None:
+        """Until the next change, or ``timeout`` seconds (no error: look again)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError("a StandbyBackend is waited on from one event loop at a time")
+        if self._waiting == 0:
+            loop.add_reader(self._fd, self._drain)
+            self._loop = loop
+        self._waiting += 1
+        try:
+            await self._changes.wait(timeout)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                loop.remove_reader(self._fd)
+                self._loop = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +145,7 @@ class BackendStats:
 
 
 @dataclass(frozen=True)
-class Negotiation:
+class FrontendFeatures:
     """Feature negotiation of the current (or last) vhost-user connection."""
 
     offered: int
@@ -191,7 +222,8 @@ class StandbyBackend:
     :param queues: Queue pairs (one worker thread each).
     :param client: Connect to a socket the frontend listens on, instead of listening.
     :param queue_size: Largest ring the frontend may pick.
-    :param mtu: MTU advised to the guest.
+    :param mtu: The guest's MTU: :meth:`qemu_args` tells QEMU (``host_mtu``), which
+        tells the guest; the TAP port gets it too.
     :param poll_us: Microseconds a worker keeps polling its rings after the last frame
         moved, with the guest's kicks suppressed (0: sleep after every pass). Polling
         saves a kick per batch under load; a quiet guest costs nothing.
@@ -220,30 +252,11 @@ class StandbyBackend:
         socket_group: str | int | None = None,
         handshake_timeout: float = 5.0,
     ) -> None:
-        if not 1 <= queues <= 16:
-            raise ConfigError("queues", f"must be between 1 and 16, got {queues}")
-        if not 64 <= queue_size <= 32768:
-            raise ConfigError(
-                "queue_size", f"must be a power of two from 64 to 32768, got {queue_size}"
-            )
-        if not 68 <= mtu <= 65535:
-            raise ConfigError("mtu", f"must be between 68 and 65535, got {mtu}")
-        if not 0 <= poll_us <= 1_000_000:
-            raise ConfigError("poll_us", f"must be between 0 and 1000000, got {poll_us}")
-        if not 0 <= socket_mode <= 0o777:
-            raise ConfigError(
-                "socket_mode", f"expected permission bits up to 0o777, got {socket_mode:#o}"
-            )
         group = group_id(socket_group)
-        if not 0 < handshake_timeout <= 3600:
-            raise ConfigError(
-                "handshake_timeout",
-                f"must be more than 0 and at most 3600 seconds, got {handshake_timeout}",
-            )
         try:
-            with _native_errors():
-                self._native = _native.NativeBackend(
-                    os.fspath(socket_path),
+            self._native = _native.NativeBackend(
+                os.fspath(socket_path),
+                **native_arguments(
                     port=port,
                     mac=mac,
                     queues=queues,
@@ -254,11 +267,13 @@ class StandbyBackend:
                     socket_mode=socket_mode,
                     socket_group=group,
                     handshake_timeout=handshake_timeout,
-                )
-        except ValueError as err:
-            field, _, message = str(err).partition(": ")
-            raise ConfigError(field.replace(" ", "_"), message or str(err)) from err
+                ),
+            )
+        except SettingError as err:
+            setting, rule = setting_and_rule(err)
+            raise ConfigError(python_keyword(setting), rule) from err
         self._event_cursor = 0
+        self._changes = _NativeChanges(self._native.change_fd)
 
     # -- life cycle ---------------------------------------------------------
 
@@ -267,8 +282,7 @@ class StandbyBackend:
 
         :raise BackendError: When the socket cannot be bound (or is in use).
         """
-        with _native_errors():
-            self._native.start()
+        self._native.start()
 
     def stop(self) -> None:
         """Close the connection, stop, remove the socket. Safe to call twice."""
@@ -321,6 +335,11 @@ class StandbyBackend:
         return self._native.client
 
     @property
+    def mtu(self) -> int:
+        """The MTU the guest is told (through :meth:`qemu_args`)."""
+        return self._native.mtu
+
+    @property
     def state(self) -> State:
         """``stopped``, ``listening``, ``connecting``, ``connected`` or ``failed``."""
         return self._native.state  # type: ignore[return-value]
@@ -334,18 +353,14 @@ class StandbyBackend:
 
     async def wait_failed(self) -> str:
         """Wait until the device stops serving for good; returns why."""
-        while True:
-            try:
-                await self.wait_state(["failed"], timeout=3600)
-            except TimeoutError:
-                continue
-            return self.failure or "the device failed"
+        await self.wait_state(["failed"], timeout=None)
+        return self.failure or "the device failed"
 
     @property
-    def features(self) -> Negotiation:
+    def features(self) -> FrontendFeatures:
         """Offered and acked features; read at any time without stalling the datapath."""
         n = self._native.negotiation()
-        return Negotiation(
+        return FrontendFeatures(
             offered=n["offered_features"],
             acked=n["acked_features"],
             protocol_offered=n["offered_protocol_features"],
@@ -365,46 +380,50 @@ class StandbyBackend:
             queues=self.queues,
             backend_is_client=self.client,
             device_id=device_id,
+            mtu=self.mtu,
         )
 
     # -- events and waits -----------------------------------------------------
 
     def events(self) -> list[BackendEvent]:
         """Events since the last call (connects, negotiations, disconnects...)."""
-        raw, self._event_cursor = self._native.events(self._event_cursor, 0.0)
+        raw, self._event_cursor = self._native.events(self._event_cursor)
         return [_event(e) for e in raw]
 
     async def watch(self) -> AsyncIterator[BackendEvent]:
         """Yield events as they happen, forever (cancel the task to stop)."""
-        loop = asyncio.get_running_loop()
         while True:
-            raw, self._event_cursor = await loop.run_in_executor(
-                None, self._native.events, self._event_cursor, _WAIT_SLICE
-            )
-            for e in raw:
-                yield _event(e)
+            events = self.events()
+            for event in events:
+                yield event
+            if not events:
+                await self._changes.next(None)
 
-    async def wait_state(self, states: list[State], timeout: float) -> State:
-        """Wait until the backend is in one of ``states``.
+    async def _until(self, reached: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``reached()`` holds (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not reached():
+            if deadline is None:
+                await self._changes.next(None)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self._changes.next(remaining)
+        return True
+
+    async def wait_state(self, states: list[State], timeout: float | None) -> State:
+        """Wait until the backend is in one of ``states`` (``timeout``: seconds, or
+        ``None`` for as long as it takes).
 
         :raise TimeoutError: When ``timeout`` seconds pass first.
         """
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout
-        wanted: list[str] = list(states)
-        while True:
-            remaining = deadline - time.monotonic()
-            reached = await loop.run_in_executor(
-                None, self._native.wait_state, wanted, max(0.0, min(_WAIT_SLICE, remaining))
+        if not await self._until(lambda: self.state in states, timeout):
+            raise TimeoutError(
+                f"backend on {self.socket_path} is {self.state}, not {'/'.join(states)}, "
+                f"after {timeout:.1f} s"
             )
-            state = cast(State, reached)
-            if state in states:
-                return state
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"backend on {self.socket_path} is {state}, not {'/'.join(wanted)}, "
-                    f"after {timeout:.1f} s"
-                )
+        return self.state
 
     async def wait_connected(self, timeout: float) -> None:
         """Wait until a frontend is connected.
@@ -416,21 +435,20 @@ class StandbyBackend:
         if state != "connected":
             raise BackendError(f"backend on {self.socket_path} is {state}")
 
-    async def wait_negotiated(self, timeout: float) -> Negotiation:
+    async def wait_features_acked(self, timeout: float) -> FrontendFeatures:
         """Wait until the connected frontend acked its features.
 
         :raise TimeoutError: When it does not within ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            features = self.features
-            if features.negotiated and self.state == "connected":
-                return features
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"frontend on {self.socket_path} did not negotiate features in {timeout:.1f} s"
-                )
-            await asyncio.sleep(0.02)
+
+        def negotiated() -> bool:
+            return self.features.negotiated and self.state == "connected"
+
+        if not await self._until(negotiated, timeout):
+            raise TimeoutError(
+                f"frontend on {self.socket_path} did not negotiate features in {timeout:.1f} s"
+            )
+        return self.features
 
     # -- steering ----------------------------------------------------------------
 
@@ -440,8 +458,7 @@ class StandbyBackend:
 
         :raise BackendError: When the port cannot send (``null``/``loop``) or the write fails.
         """
-        with _native_errors():
-            return self._native.announce(count)
+        return self._native.announce(count)
 
     def steer(self, mode: SteerMode, reason: str = "") -> None:
         """Tell steering where the guest's primary is; it then keeps the host's switch
@@ -459,8 +476,7 @@ class StandbyBackend:
 
         :raise BackendError: When the port reaches no switch (``null``, ``loop``).
         """
-        with _native_errors():
-            self._native.steer(mode, reason)
+        self._native.steer(mode, reason)
 
     def steering(self) -> SteeringStatus | None:
         """Steering's state and counters; ``None`` for ports without a switch."""

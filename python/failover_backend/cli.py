@@ -2,30 +2,38 @@
 
 Exit codes: 0 success, 1 runtime failure (the cause is printed), 2 bad arguments;
 ``run`` also ends with 3 when the VM's incoming migration failed (see
-:mod:`failover_backend.lifecycle`).
+:mod:`failover_backend.vm_life`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
-import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .backend import StandbyBackend
-from .config import load_config, parse_port
+from .backend import StandbyBackend, group_id
+from .config import BackendSection, load_config, load_serve_config
 from .errors import ConfigError, FailoverError
 from .metrics import parse_listen
-from .remote import MigrateArgs, cancel_command, migrate_command, status_command
+from .migrate_command import (
+    LibvirtMigrateArgs,
+    MigrateArgs,
+    cancel_command,
+    migrate_command,
+    migrate_libvirt_command,
+)
 from .run import run_vm
 from .serve import serve
+from .serving import standby_backend
+from .settings import SettingError, cli_option, setting_and_rule
+from .status_command import status_command
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
@@ -36,34 +44,20 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _port(value: str) -> str:
+def _number(value: str) -> int:
+    """A whole number; its range is the setting's rule (see :func:`_check_serve`)."""
     try:
-        return parse_port(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
 
 
-def _mac(value: str) -> str:
-    if not _MAC.match(value):
-        raise argparse.ArgumentTypeError(
-            f"expected six hex octets like 52:54:00:12:34:56, got {value!r}"
-        )
-    if int(value[:2], 16) & 1:
-        raise argparse.ArgumentTypeError(f"{value} is a multicast address")
-    return value.lower()
-
-
-def _bounded(low: int, high: int) -> type[int]:
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {number}")
-        return number
-
-    return parse  # type: ignore[return-value]
+def _seconds(value: str) -> float:
+    """Seconds; their range is the setting's rule (see :func:`_check_serve`)."""
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
 
 
 def _positive(value: str) -> float:
@@ -78,14 +72,39 @@ def _positive(value: str) -> float:
 
 def _mode(value: str) -> int:
     try:
-        mode = int(value, 8)
+        return int(value, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected octal permission bits like 0660, got {value!r}"
         ) from None
-    if not 0 <= mode <= 0o777:
-        raise argparse.ArgumentTypeError(f"expected permission bits up to 0777, got {value}")
-    return mode
+
+
+def _alias_path(value: str) -> tuple[str, Path]:
+    alias, sep, path = value.partition("=")
+    if not sep or not alias or not path:
+        raise argparse.ArgumentTypeError(f"expected ALIAS=PATH, got {value!r}")
+    return alias, Path(path)
+
+
+def _check_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Either QEMU's QMP sockets or a libvirt domain, each with what it needs."""
+    qmp = {"--source-qmp": args.source_qmp, "--target-qmp": args.target_qmp, "--uri": args.uri}
+    if args.libvirt is None:
+        missing = [option for option, value in qmp.items() if value is None]
+        if missing:
+            parser.error(
+                f"the following arguments are required: {', '.join(missing)} "
+                "(or --libvirt, --domain and --to)"
+            )
+        return
+    given = [option for option, value in qmp.items() if value is not None]
+    if given:
+        parser.error(
+            f"argument --libvirt: libvirt reaches both QEMUs; leave out {', '.join(given)}"
+        )
+    for option, value in (("--domain", args.domain), ("--to", args.to)):
+        if value is None:
+            parser.error(f"argument --libvirt: needs {option}")
 
 
 def _listen(value: str) -> str:
@@ -94,13 +113,6 @@ def _listen(value: str) -> str:
     except ConfigError as e:
         raise argparse.ArgumentTypeError(e.message) from None
     return value
-
-
-def _power_of_two(value: str) -> int:
-    number = _bounded(64, 32768)(value)
-    if number & (number - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two, got {number}")
-    return number
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -122,33 +134,42 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     serve_cmd = add_command(
         "serve",
-        help="run a standby vhost-user backend in the foreground",
-        description="Serve a vhost-user virtio-net standby device until SIGINT/SIGTERM.",
+        help="run standby vhost-user backends in the foreground",
+        description=(
+            "Serve a vhost-user virtio-net standby device (--socket and its options), or "
+            "every one a file lists (--config), until SIGINT/SIGTERM."
+        ),
     )
-    serve_cmd.add_argument("--socket", required=True, help="vhost-user socket path")
+    serve_cmd.add_argument("--socket", help="vhost-user socket path")
+    serve_cmd.add_argument(
+        "--config",
+        type=Path,
+        help="serve every [[backend]] this TOML file lists (instead of --socket and its options)",
+    )
     serve_cmd.add_argument(
         "--client", action="store_true", help="connect to a socket the frontend listens on"
     )
     serve_cmd.add_argument(
         "--port",
-        type=_port,
         default="null",
         help="host side: null, sink, loop, tap:NAME or gen:SIZE[,rate=FPS][,count=N]"
         " (default null)",
     )
+    serve_cmd.add_argument("--queues", type=_number, default=1, help="queue pairs (default 1)")
+    serve_cmd.add_argument("--mac", help="guest MAC (default: random local address)")
     serve_cmd.add_argument(
-        "--queues", type=_bounded(1, 16), default=1, help="queue pairs (default 1)"
-    )
-    serve_cmd.add_argument("--mac", type=_mac, help="guest MAC (default: random local address)")
-    serve_cmd.add_argument(
-        "--queue-size", type=_power_of_two, default=1024, help="largest ring size (default 1024)"
+        "--queue-size", type=_number, default=1024, help="largest ring size (default 1024)"
     )
     serve_cmd.add_argument(
-        "--mtu", type=_bounded(68, 65535), default=1500, help="MTU (default 1500)"
+        "--mtu",
+        type=_number,
+        default=1500,
+        help="the guest's MTU: QEMU's host_mtu in the printed arguments, and the TAP's"
+        " (default 1500)",
     )
     serve_cmd.add_argument(
         "--poll-us",
-        type=_bounded(0, 1_000_000),
+        type=_number,
         default=50,
         help="keep polling the rings this many µs after the last frame moved, "
         "guest kicks suppressed; 0 never polls (default 50)",
@@ -170,7 +191,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     serve_cmd.add_argument(
         "--handshake-timeout",
-        type=_positive,
+        type=_seconds,
         default=5.0,
         help="seconds a frontend may take to send a request (default 5); then it is closed",
     )
@@ -200,10 +221,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "Migrate with every primary unplugged on the source and plugged on the target."
         ),
     )
-    migrate_cmd.add_argument("--source-qmp", required=True, type=Path, help="source QMP socket")
-    migrate_cmd.add_argument("--target-qmp", required=True, type=Path, help="target QMP socket")
-    migrate_cmd.add_argument(
-        "--uri", required=True, help="migration URI (unix:PATH, tcp:HOST:PORT)"
+    migrate_cmd.add_argument("--source-qmp", type=Path, help="source QMP socket")
+    migrate_cmd.add_argument("--target-qmp", type=Path, help="target QMP socket")
+    migrate_cmd.add_argument("--uri", help="migration URI (unix:PATH, tcp:HOST:PORT)")
+    libvirt_group = migrate_cmd.add_argument_group(
+        "through libvirt",
+        "migrate a libvirt domain with libvirt's own API (instead of --source-qmp, "
+        "--target-qmp, --uri)",
+    )
+    libvirt_group.add_argument("--libvirt", metavar="SRC_URI", help="the source's libvirt URI")
+    libvirt_group.add_argument("--domain", help="the domain's name")
+    libvirt_group.add_argument("--to", metavar="DEST_URI", help="the destination's libvirt URI")
+    libvirt_group.add_argument(
+        "--p2p", action="store_true", help="peer to peer: the source libvirtd drives it"
+    )
+    libvirt_group.add_argument(
+        "--migrate-uri", help="where the destination QEMU listens (tcp://HOST:PORT)"
+    )
+    libvirt_group.add_argument("--listen-address", help="the destination QEMU's listen address")
+    libvirt_group.add_argument(
+        "--dest-socket",
+        metavar="ALIAS=PATH",
+        action="append",
+        default=[],
+        type=_alias_path,
+        help="a standby's vhost-user socket on the destination, where it differs",
     )
     migrate_cmd.add_argument(
         "--wait-unplug-timeout",
@@ -266,39 +308,114 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    backend = StandbyBackend(
-        args.socket,
-        port=args.port,
-        mac=args.mac,
-        queues=args.queues,
-        client=args.client,
-        queue_size=args.queue_size,
-        mtu=args.mtu,
-        poll_us=args.poll_us,
-        socket_mode=args.socket_mode,
-        socket_group=args.socket_group,
-        handshake_timeout=args.handshake_timeout,
-    )
-    return asyncio.run(serve(backend, args.metrics))
+class FoldQmpLibrary(logging.Filter):
+    """qemu.qmp logs its own view of what reaches us as exceptions (a connection that
+    failed, one that ended): its records become debug lines of ours, shown with
+    ``--log-level debug`` and never as a second ERROR beside our own message."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "qemu.qmp" or record.name.startswith("qemu.qmp."):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.level <= logging.DEBUG
+        return True
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name`` (its usage goes with its errors)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]  # type: ignore[no-any-return]
+    return parser
+
+
+def _serve_backend(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BackendSection:
+    """``serve``'s one backend, checked by the core's rules before anything opens (a
+    broken option exits 2 naming it); the port and MAC come back canonical and the
+    group as its id."""
+    if args.socket is None:
+        parser.error("one of --socket or --config is required")
+    try:
+        group = group_id(args.socket_group)
+    except ConfigError as err:
+        parser.error(f"argument --socket-group: {err.message}")
+    options = {name: getattr(args, name) for name in _backend_options()}
+    try:
+        return BackendSection(**{**options, "socket_group": group}).checked()
+    except SettingError as err:
+        setting, rule = setting_and_rule(err)
+        parser.error(f"argument {cli_option(setting)}: {rule}")
+
+
+def _backend_options() -> list[str]:
+    """``serve``'s options that describe its one backend (``--config`` replaces them
+    all): one per backend setting, spelled as the setting."""
+    return [f.name for f in dataclasses.fields(BackendSection)]
+
+
+def _check_serve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``--config`` describes every backend: no backend option goes with it."""
+    given = [name for name in _backend_options() if getattr(args, name) != parser.get_default(name)]
+    if given:
+        options = ", ".join(cli_option(name) for name in given)
+        parser.error(f"argument --config: the file describes every backend; leave out {options}")
+
+
+def _run_serve(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, backend: BackendSection | None
+) -> int:
+    """``backend``: the one backend's (:func:`_serve_backend`), without ``--config``."""
+    named: list[tuple[str, StandbyBackend]]
+    if args.config is not None:
+        _check_serve_config(args, parser)
+        config = load_serve_config(args.config)
+        named = [(name, standby_backend(section)) for name, section in config.backends]
+    else:
+        assert backend is not None
+        named = [("", standby_backend(backend))]
+    return asyncio.run(serve(named, args.metrics))
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run the command line; ``prog`` defaults to the name the program was started by."""
     parser = build_parser(prog or Path(sys.argv[0]).name)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    if args.log_level != "debug":
-        # qemu.qmp logs every connection's end at INFO; its errors reach us as exceptions.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    serve_parser = _command_parser(parser, "serve")
+    if args.command == "migrate":
+        _check_migrate(args, _command_parser(parser, "migrate"))
+    serve_backend = None
+    if args.command == "serve" and args.config is None:
+        # A bad option exits before logging starts.
+        serve_backend = _serve_backend(args, serve_parser)
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(FoldQmpLibrary(level))
     try:
         if args.command == "serve":
-            return _run_serve(args)
+            return _run_serve(args, serve_parser, serve_backend)
         if args.command == "run":
             return asyncio.run(run_vm(load_config(args.config), args.metrics))
+        if args.command == "migrate" and args.libvirt is not None:
+            return asyncio.run(
+                migrate_libvirt_command(
+                    LibvirtMigrateArgs(
+                        source_uri=args.libvirt,
+                        domain=args.domain,
+                        dest_uri=args.to,
+                        p2p=args.p2p,
+                        migrate_uri=args.migrate_uri,
+                        listen_address=args.listen_address,
+                        dest_sockets=dict(args.dest_socket),
+                        wait_unplug_timeout=args.wait_unplug_timeout,
+                        timeout=args.timeout,
+                        as_json=args.json,
+                    )
+                )
+            )
         if args.command == "migrate":
             return asyncio.run(
                 migrate_command(

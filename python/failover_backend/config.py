@@ -12,6 +12,10 @@ One pair::
     client = false                # true: QEMU listens (chardev server=on)
     socket_mode = 0o600           # who may connect (the default)
     # socket_group = "kvm"        # QEMU's group, when QEMU runs as another user
+    # mtu = 1500                  # the guest's MTU (QEMU's host_mtu), the TAP's too
+    # queue_size = 1024           # largest ring the frontend may pick
+    # poll_us = 50                # keep polling this long after the last frame
+    # handshake_timeout = 5       # seconds a frontend gets for each request
 
     # The VM.
     [qemu]
@@ -50,14 +54,22 @@ Several pairs of one VM: no ``[backend]``, ``[primary]`` or ``qemu.standby``, on
     standby = "standby1"
     backend = { socket = "/run/fb/vm1-1.sock", port = "tap:fb1", mac = "52:54:00:12:34:57" }
 
+A libvirt domain instead of a QMP socket: ``[libvirt]`` in place of ``[qemu]``, each
+standby named by its alias in the domain, no ``[primary]`` (libvirt plugs the ones
+the domain describes)::
+
+    [libvirt]
+    uri = "qemu:///system"
+    domain = "vm1"
+    standby = "ua-standby0"       # with [[pair]]: standby = "..." in each pair
+
 Every error names the file, the field and what to write instead.
 """
 
 from __future__ import annotations
 
-import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +78,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python < 3.11 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-from . import _native
 from .errors import ConfigError
 from .pairing import PrimaryConfig
+from .settings import SettingError, check_backend_settings, setting_and_rule, toml_key
 
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _KIND_NAMES = {
     str: "a string",
     int: "an integer",
@@ -83,20 +94,48 @@ _KIND_NAMES = {
 
 @dataclass(frozen=True)
 class BackendSection:
+    """One standby backend's settings: a ``[backend]`` table, or ``serve``'s options.
+    The fields are :class:`~failover_backend.StandbyBackend`'s arguments."""
+
     socket: Path
-    port: str
-    mac: str
+    port: str = "null"
+    mac: str | None = None
     queues: int = 1
     client: bool = False
     socket_mode: int = 0o600
     socket_group: str | int | None = None
     handshake_timeout: float = 5.0
     poll_us: int = 50
+    queue_size: int = 1024
+    mtu: int = 1500
+
+    def keywords(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~failover_backend.StandbyBackend` (all but
+        the socket)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "socket"}
+
+    def checked(self) -> BackendSection:
+        """These settings after the core's rules, the port and MAC spelled canonically
+        (``socket_group`` must be an id or ``None`` here: a name is looked up only when
+        the backend starts).
+
+        :raise SettingError: ``args`` are ``(setting, rule)``.
+        """
+        port, mac = check_backend_settings(self.socket, **self.keywords())
+        return replace(self, port=port, mac=mac or self.mac)
 
 
 @dataclass(frozen=True)
 class QemuSection:
     qmp: Path
+
+
+@dataclass(frozen=True)
+class LibvirtSection:
+    """The VM as a libvirt domain (instead of a QMP socket of its own)."""
+
+    uri: str
+    domain: str
 
 
 @dataclass(frozen=True)
@@ -120,9 +159,11 @@ class PairSection:
 @dataclass(frozen=True)
 class RunConfig:
     source: Path
-    qemu: QemuSection
+    #: Exactly one of the two: how ``run`` reaches the VM.
+    qemu: QemuSection | None
     pairs: tuple[PairSection, ...]
     timeouts: Timeouts = field(default_factory=Timeouts)
+    libvirt: LibvirtSection | None = None
 
 
 class _Reader:
@@ -176,30 +217,14 @@ def _table(source: Path, data: dict[str, Any], name: str, required: bool) -> dic
     return table
 
 
-def parse_port(spec: str) -> str:
-    """The host port ``spec`` in its canonical spelling. ``ValueError`` when it is not
-    one, with the core's rule and words, without its own field prefix (callers name
-    the field as the user wrote it)."""
-    try:
-        return _native.parse_port(spec)
-    except ValueError as e:
-        raise ValueError(str(e).removeprefix("port: ")) from None
-
-
 def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection:
+    """Read the backend's keys with their TOML types; the rules of their values are
+    the core's (:mod:`failover_backend.settings`), named ``backend.KEY``."""
     b = _Reader(source, table, prefix)
     socket = Path(b.get("socket", str, example='"/run/failover-backend/vm1.sock"'))
     port = b.get("port", str, "null")
-    try:
-        port = parse_port(port)
-    except ValueError as e:
-        raise b.error("port", str(e)) from None
     mac = b.get("mac", str, example='"52:54:00:12:34:56"')
-    if not _MAC.match(mac) or int(mac[:2], 16) & 1:
-        raise b.error("mac", f"expected a unicast MAC like 52:54:00:12:34:56, got {mac!r}")
     queues = b.get("queues", int, 1)
-    if not 1 <= queues <= 16:
-        raise b.error("queues", f"must be between 1 and 16, got {queues}")
     client = b.get("client", bool, False)
     mode = b.get("socket_mode", object, 0o600)
     if isinstance(mode, str):
@@ -209,21 +234,35 @@ def _backend(source: Path, table: dict[str, Any], prefix: str) -> BackendSection
             raise b.error(
                 "socket_mode", f'expected octal bits like "0660" or 0o660, got {mode!r}'
             ) from None
-    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+    if not isinstance(mode, int) or isinstance(mode, bool):
         raise b.error("socket_mode", f'expected permission bits like 0o660 or "0660", got {mode!r}')
     group = b.get("socket_group", object, None)
     if group is not None and (isinstance(group, bool) or not isinstance(group, (str, int))):
         raise b.error("socket_group", f'expected a group name or id like "kvm", got {group!r}')
     handshake = b.get("handshake_timeout", float, 5.0)
-    if not 0 < handshake <= 3600:
-        raise b.error("handshake_timeout", f"must be 0 to 3600 seconds, got {handshake}")
     poll_us = b.get("poll_us", int, 50)
-    if not 0 <= poll_us <= 1_000_000:
-        raise b.error("poll_us", f"must be between 0 and 1000000, got {poll_us}")
+    queue_size = b.get("queue_size", int, 1024)
+    mtu = b.get("mtu", int, 1500)
     b.reject_unknown()
-    return BackendSection(
-        socket, port, mac.lower(), queues, client, mode, group, handshake, poll_us
+    unchecked = BackendSection(
+        socket,
+        port=port,
+        mac=mac,
+        queues=queues,
+        client=client,
+        socket_mode=mode,
+        handshake_timeout=handshake,
+        poll_us=poll_us,
+        queue_size=queue_size,
+        mtu=mtu,
     )
+    try:
+        checked = unchecked.checked()
+    except SettingError as err:
+        setting, rule = setting_and_rule(err)
+        raise b.error(toml_key(setting), rule) from None
+    # A group name is looked up only when the backend starts.
+    return replace(checked, socket_group=group)
 
 
 def _primary(
@@ -257,6 +296,7 @@ def _pair(
     backend = _backend(source, backend_table, backend_prefix)
     if primary_table is None:
         return PairSection(standby, backend)
+    assert backend.mac is not None  # a [backend] table requires its MAC
     primary, netdev = _primary(source, primary_table, primary_prefix, standby, backend.mac)
     return PairSection(standby, backend, primary, netdev)
 
@@ -305,46 +345,92 @@ def _pairs(source: Path, data: dict[str, Any], qemu_table: dict[str, Any]) -> li
                 f"{prefix}.primary",
             )
         )
-    _check_distinct(source, pairs)
+    prefixes = [f"pair[{index}]" for index in range(len(pairs))]
+    for what, values in (
+        ("standby", [p.standby for p in pairs]),
+        ("backend.socket", [str(p.backend.socket) for p in pairs]),
+        ("backend.port", [_own_tap(p.backend) for p in pairs]),
+    ):
+        _check_distinct(source, what, list(zip(prefixes, values, strict=True)))
     return pairs
 
 
-def _check_distinct(source: Path, pairs: list[PairSection]) -> None:
-    """Two pairs cannot share a standby, a socket or a TAP."""
-    for what, key in (
-        ("standby", lambda p: p.standby),
-        ("backend.socket", lambda p: str(p.backend.socket)),
-        ("backend.port", lambda p: p.backend.port if p.backend.port.startswith("tap:") else None),
-    ):
-        seen: dict[str, int] = {}
-        for index, pair in enumerate(pairs):
-            value = key(pair)
-            if value is None:
-                continue
-            if value in seen:
-                raise ConfigError(
-                    f"pair[{index}].{what}",
-                    f"{value!r} is already pair[{seen[value]}]'s; each pair needs its own",
-                    str(source),
-                )
-            seen[value] = index
+def _check_distinct(source: Path, what: str, values: list[tuple[str, str | None]]) -> None:
+    """No two entries share a value of ``what`` (``None``: nothing to share).
+
+    :param values: Each entry's prefix (``pair[1]``) and value.
+    """
+    seen: dict[str, str] = {}
+    for prefix, value in values:
+        if value is None:
+            continue
+        if value in seen:
+            raise ConfigError(
+                f"{prefix}.{what}",
+                f"{value!r} is already {seen[value]}'s; each needs its own",
+                str(source),
+            )
+        seen[value] = prefix
+
+
+def _own_tap(backend: BackendSection) -> str | None:
+    return backend.port if backend.port.startswith("tap:") else None
 
 
 def parse_config(source: Path, data: dict[str, Any]) -> RunConfig:
-    unknown = sorted(set(data) - {"backend", "qemu", "primary", "pair", "timeouts"})
+    unknown = sorted(set(data) - {"backend", "qemu", "libvirt", "primary", "pair", "timeouts"})
     if unknown:
         raise ConfigError(
             unknown[0],
-            "unknown table; the file takes [backend], [qemu], [primary], [[pair]], [timeouts]",
+            "unknown table; the file takes [backend], [qemu] or [libvirt], [primary], "
+            "[[pair]], [timeouts]",
             str(source),
         )
-    qemu_table = _table(source, data, "qemu", required=True)
-    assert qemu_table is not None
-    q = _Reader(source, qemu_table, "qemu")
-    qemu = QemuSection(qmp=Path(q.get("qmp", str, example='"/run/vm1/qmp.sock"')))
-    q.seen.add("standby")
-    q.reject_unknown()
+    qemu: QemuSection | None = None
+    libvirt: LibvirtSection | None = None
+    qemu_table: dict[str, Any]  # where a single pair's standby id is
+    libvirt_table = _table(source, data, "libvirt", required=False)
+    if libvirt_table is not None:
+        if "qemu" in data:
+            raise ConfigError(
+                "libvirt",
+                "[qemu] and [libvirt] do not mix: run reaches the VM through one of them",
+                str(source),
+            )
+        lv = _Reader(source, libvirt_table, "libvirt")
+        libvirt = LibvirtSection(
+            uri=lv.get("uri", str, example='"qemu:///system"'),
+            domain=lv.get("domain", str, example='"vm1"'),
+        )
+        if "pair" not in data:
+            # The standby's id is its alias in the domain.
+            lv.get("standby", str, example='"ua-standby0"')
+        lv.seen.add("standby")
+        lv.reject_unknown()
+        qemu_table = libvirt_table
+    else:
+        found = _table(source, data, "qemu", required=True)
+        assert found is not None
+        qemu_table = found
+        q = _Reader(source, qemu_table, "qemu")
+        qemu = QemuSection(qmp=Path(q.get("qmp", str, example='"/run/vm1/qmp.sock"')))
+        q.seen.add("standby")
+        q.reject_unknown()
     pairs = _pairs(source, data, qemu_table)
+    if libvirt is not None:
+        for index, pair in enumerate(pairs):
+            if pair.primary is not None:
+                where = (
+                    "primary"
+                    if len(pairs) == 1 and "pair" not in data
+                    else f"pair[{index}].primary"
+                )
+                raise ConfigError(
+                    where,
+                    "libvirt plugs the primaries the domain describes (<interface "
+                    "type='hostdev'> with <teaming type='transient'/>); leave it out",
+                    str(source),
+                )
 
     timeouts = Timeouts()
     timeouts_table = _table(source, data, "timeouts", required=False)
@@ -360,7 +446,18 @@ def parse_config(source: Path, data: dict[str, Any]) -> RunConfig:
             if getattr(timeouts, name) <= 0:
                 raise t.error(name, "must be a positive number of seconds")
         t.reject_unknown()
-    return RunConfig(source, qemu, tuple(pairs), timeouts)
+    return RunConfig(source, qemu, tuple(pairs), timeouts, libvirt)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+            return data
+    except FileNotFoundError:
+        raise ConfigError("config", "no such file", str(path)) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("config", f"not valid TOML: {err}", str(path)) from None
 
 
 def load_config(path: Path) -> RunConfig:
@@ -368,11 +465,73 @@ def load_config(path: Path) -> RunConfig:
 
     :raise ConfigError: Naming the file, the field and the fix.
     """
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError("config", "no such file", str(path)) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("config", f"not valid TOML: {err}", str(path)) from None
-    return parse_config(path, data)
+    return parse_config(path, _read_toml(path))
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``serve --config`` reads: standby backends of any number of VMs, served
+    by one process (see :data:`SERVE_EXAMPLE`)."""
+
+    source: Path
+    #: Each backend with its name (its messages', counters' and metrics' label).
+    backends: tuple[tuple[str, BackendSection], ...]
+
+
+#: A ``serve --config`` file.
+SERVE_EXAMPLE = """\
+# One [[backend]] per standby; the keys are run's [backend] keys, and a name.
+[[backend]]
+name = "vm1"                  # labels its messages and metrics (default: the socket)
+socket = "/run/failover-backend/vm1.sock"
+port = "tap:vm1sb"
+mac = "52:54:00:12:34:56"
+
+[[backend]]
+name = "vm2"
+socket = "/run/failover-backend/vm2.sock"
+port = "tap:vm2sb"
+mac = "52:54:00:12:34:57"
+"""
+
+
+def parse_serve_config(source: Path, data: dict[str, Any]) -> ServeConfig:
+    unknown = sorted(set(data) - {"backend"})
+    if unknown:
+        raise ConfigError(
+            unknown[0], "unknown table; the file takes [[backend]] tables only", str(source)
+        )
+    listed = data.get("backend")
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(
+            "backend", "expected one or more [[backend]] tables (socket, port, mac...)", str(source)
+        )
+    backends = []
+    for index, entry in enumerate(listed):
+        prefix = f"backend[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(prefix, "must be a table ([[backend]])", str(source))
+        table = dict(entry)
+        name = table.pop("name", None)
+        section = _backend(source, table, prefix)
+        if name is None:
+            name = str(section.socket)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{prefix}.name", f"expected a name, got {name!r}", str(source))
+        backends.append((name, section))
+    prefixes = [f"backend[{index}]" for index in range(len(backends))]
+    for what, values in (
+        ("name", [name for name, _ in backends]),
+        ("socket", [str(b.socket) for _, b in backends]),
+        ("port", [_own_tap(b) for _, b in backends]),
+    ):
+        _check_distinct(source, what, list(zip(prefixes, values, strict=True)))
+    return ServeConfig(source, tuple(backends))
+
+
+def load_serve_config(path: Path) -> ServeConfig:
+    """Read and check a ``serve --config`` file.
+
+    :raise ConfigError: Naming the file, the field and the fix.
+    """
+    return parse_serve_config(path, _read_toml(path))

@@ -21,13 +21,14 @@ from typing import Any
 
 from .backend import StandbyBackend
 from .errors import MonitorError
-from .negotiation import standby_negotiated, wait_negotiated
-from .pairing import find_primary, require_pairing
+from .pairing import require_pairing
 from .primary import Primary, PrimaryState
-from .qmp import QmpEvent, QmpSession
+from .qmp import Monitor, QmpEvent
 from .standby import BackendLink, backend_link
+from .standby_negotiation import standby_negotiated, wait_negotiated
 from .steering import PairSteering
 from .timeline import Timeline
+from .vm_devices import find_primary, visible_device_ids
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ WATCHED_EVENTS = frozenset(
         "SHUTDOWN",
     }
 )
+
+
+#: Seconds between looks at whether the primary is in the VM, when no event came.
+PRIMARY_RECHECK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class FailoverController:
 
     def __init__(
         self,
-        qmp: QmpSession,
+        qmp: Monitor,
         standby_id: str,
         *,
         backend: StandbyBackend | None = None,
@@ -123,6 +128,11 @@ class FailoverController:
         if qmp.timeline is None:
             qmp.timeline = self.timeline
         self.warnings: list[str] = []
+        #: What the metrics show, kept current from QEMU's events: the guest negotiated
+        #: STANDBY on this standby (since this controller started), and its primary is
+        #: in the VM now.
+        self.negotiated = False
+        self.primary_present = False
         self._watcher: asyncio.Task[None] | None = None
         self.steering = (
             PairSteering(
@@ -152,6 +162,8 @@ class FailoverController:
             since = self.qmp.mark()
             if self.steering is not None:
                 await self.steering.start(self.qmp)
+            self.negotiated = await standby_negotiated(self.qmp, self.standby_id)
+            await self._refresh_primary_present()
             self._watcher = asyncio.create_task(self._watch(since))
 
     async def stop(self) -> None:
@@ -166,7 +178,15 @@ class FailoverController:
             index = since
             incoming = await self.qmp.run_state() == "inmigrate"
             while True:
-                event = await self.qmp.wait_event(WATCHED_EVENTS, since=index, timeout=None)
+                try:
+                    event = await self.qmp.wait_event(
+                        WATCHED_EVENTS, since=index, timeout=PRIMARY_RECHECK_S
+                    )
+                except TimeoutError:
+                    # QEMU plugs a primary back after a cancelled migration without an
+                    # event of its own: look again now and then.
+                    await self._refresh_primary_present()
+                    continue
                 index = self.qmp.index_after(event, index)
                 await self._on_event(event, incoming)
                 if event.name == "RESUME":
@@ -174,9 +194,23 @@ class FailoverController:
         except MonitorError as err:
             logger.info("stopped watching %s: %s", self.qmp.name, err)
 
+    async def _refresh_primary_present(self) -> None:
+        primary_id = (
+            self.primary.device_id
+            if self.primary
+            else await find_primary(self.qmp, self.standby_id)
+        )
+        self.primary_present = primary_id is not None and primary_id in await visible_device_ids(
+            self.qmp
+        )
+
     async def _on_event(self, event: QmpEvent, incoming: bool) -> None:
         if self.steering is not None:
             await self.steering.on_event(self.qmp, event, incoming)
+        if event.name == "FAILOVER_NEGOTIATED" and event.data.get("device-id") == self.standby_id:
+            self.negotiated = True
+        if event.name != "SHUTDOWN":
+            await self._refresh_primary_present()
         if (
             event.name == "FAILOVER_NEGOTIATED"
             and event.data.get("device-id") == self.standby_id
@@ -225,7 +259,7 @@ class FailoverController:
         if self.primary is not None:
             primary_state = await self.primary.state()
         elif primary_id is not None:
-            visible = primary_id in await self.qmp.visible_device_ids()
+            visible = primary_id in await visible_device_ids(self.qmp)
             primary_state = "visible" if visible else "unplugging"
         steering = self.backend.steering() if self.backend else None
         return PairStatus(

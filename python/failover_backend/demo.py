@@ -21,7 +21,8 @@ from .lab.continuity import Window, explain
 from .lab.scenario import Lab, LabVM
 from .lab.traffic import EchoListener, HostPinger, PingTrace, start_pinging, stop_pinging
 from .migration import Migration, MigrationOptions
-from .negotiation import wait_negotiated
+from .standby_negotiation import wait_negotiated
+from .vm_devices import visible_device_ids
 
 
 def step(text: str) -> None:
@@ -128,11 +129,11 @@ async def demo(keep: bool = False, accel: str = "tcg", verbose: bool = False) ->
         source = await lab.vm("source")
         assert source.backend is not None
         say(f"standby backend on {source.backend.socket_path} ({source.backend.port})")
-        say(f"primary created by QEMU yet? {'primary0' in await source.qmp.visible_device_ids()}")
+        say(f"primary created by QEMU yet? {'primary0' in await visible_device_ids(source.qmp)}")
         event = await wait_negotiated(source.qmp, "standby0", timeout=120)
         say(f"FAILOVER_NEGOTIATED {event.data if event else ''}: QEMU plugs the hidden primary")
         await source.boot()
-        features = await source.backend.wait_negotiated(30)
+        features = await source.backend.wait_features_acked(30)
         say(f"the backend negotiated: {' '.join(features.acked_names)}")
         say(f"guest: {await _wait_primary_up(source)}")
         for driver, where in (await _slaves(source.console)).items():

@@ -14,16 +14,16 @@ Every exception derives from :class:`FailoverError`::
      ├── PrimaryError            plugging or unplugging the primary failed
      │    └── UnplugTimeout        the guest did not release the primary in time
      └── MigrationError          a migration could not start, failed, or was cancelled
+                                 (in :mod:`failover_backend.migration`, with its report)
+
+This module imports nothing from the package: every other module may import it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .migration import MigrationReport
-    from .pairing import Violation
+from dataclasses import dataclass
+from typing import Any
 
 
 class FailoverError(Exception):
@@ -81,6 +81,14 @@ class QemuGone(MonitorError):
     """QEMU closed the monitor connection (it exited or was killed)."""
 
 
+@dataclass(frozen=True)
+class Violation:
+    """A failover pairing rule broken (see :mod:`failover_backend.pairing`)."""
+
+    rule: str
+    message: str
+
+
 class PairingError(FailoverError):
     """The failover pair breaks rules QEMU or the guest rely on.
 
@@ -105,12 +113,6 @@ class UnplugTimeout(PrimaryError):
     """The guest did not release (eject) the primary before the deadline."""
 
 
-class MigrationError(FailoverError):
-    """A migration could not start, failed, or was cancelled.
-
-    :param report: What happened until then, when the migration got that far.
-    """
-
-    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
-        self.report = report
-        super().__init__(message)
+def libvirt_missing(err: ImportError) -> str:
+    """What to say when libvirt-python (the optional ``[libvirt]`` extra) cannot load."""
+    return f"needs libvirt-python ({err}): pip install 'failover-backend[libvirt]'"

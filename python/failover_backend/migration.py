@@ -34,12 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MigrationError, MonitorCommandError, MonitorError
-from .negotiation import standby_negotiated
-from .pairing import failover_pairs
-from .qmp import QmpSession
+from .errors import FailoverError, MonitorCommandError, MonitorError
+from .qmp import Monitor
 from .standby import backend_link
+from .standby_negotiation import standby_negotiated
 from .timeline import Timeline
+from .vm_devices import failover_pairs, primaries_visible_within, visible_device_ids
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class MigrationReport:
     target_exited_at: float | None = None
     """When the target QEMU exited (wall clock), if it did."""
     problems: list[str] = field(default_factory=list)
+    job_statistics: dict[str, Any] | None = None
+    """libvirt's JOB_COMPLETED statistics (``migrate --libvirt``)."""
 
     @property
     def completed(self) -> bool:
@@ -110,6 +112,12 @@ class MigrationReport:
         if self.target_exited_at is not None:
             start = self.timeline.entries[0].time if self.timeline.entries else 0.0
             lines.append(f"  target QEMU exited at t={self.target_exited_at - start:.3f} s")
+        if self.job_statistics:
+            shown = ("memory_total", "memory_processed", "memory_iteration", "setup_time")
+            stats = ", ".join(
+                f"{key} {self.job_statistics[key]}" for key in shown if key in self.job_statistics
+            )
+            lines.append(f"  libvirt job: {stats}")
         lines += [f"  problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -129,6 +137,7 @@ class MigrationReport:
             if self.target_exited_at is None
             else round(self.target_exited_at - start, 3),
             "problems": self.problems,
+            "job_statistics": self.job_statistics,
             "timeline": [
                 {
                     "t": round(entry.time - start, 3),
@@ -139,6 +148,61 @@ class MigrationReport:
                 for entry in self.timeline.entries
             ],
         }
+
+
+class MigrationError(FailoverError):
+    """A migration could not start, failed, or was cancelled.
+
+    :param report: What happened until then (preflight problems included).
+    """
+
+    def __init__(self, message: str, report: MigrationReport) -> None:
+        self.report = report
+        super().__init__(message)
+
+
+async def check_target_primaries(
+    target: Monitor,
+    since: int,
+    pairs: dict[str, str | None],
+    visible_primaries: set[str],
+    report: MigrationReport,
+) -> bool:
+    """After a completed migration: did the target plug every primary the guest had
+    (FAILOVER_NEGOTIATED before RESUME, a primary paired on the target)? Sets
+    ``report.primary_plugged_before_resume``; ``False`` when the target never resumed.
+
+    :param pairs: The source's pairs; ``visible_primaries``: those the guest could see.
+    """
+    try:
+        resume = await target.wait_event("RESUME", since=since, timeout=30)
+    except TimeoutError:
+        report.problems.append("the target did not resume within 30 s")
+        return False
+    target_pairs = await failover_pairs(target)
+    plugged_in_time = True
+    for standby, source_primary in pairs.items():
+        if source_primary is None or source_primary not in visible_primaries:
+            continue  # nothing to plug: the guest had no primary there
+        negotiated = [
+            e
+            for e in target.events_named("FAILOVER_NEGOTIATED", since)
+            if e.data.get("device-id") == standby
+        ]
+        if not negotiated:
+            plugged_in_time = False
+            if await standby_negotiated(target, standby):
+                report.problems.append(
+                    f"the target did not announce FAILOVER_NEGOTIATED for {standby}: "
+                    "its primary stays hidden"
+                )
+        elif negotiated[0].time > resume.time:
+            plugged_in_time = False
+        if target_pairs.get(standby) is None:
+            plugged_in_time = False
+            report.problems.append(f"the target has no primary for {standby}")
+    report.primary_plugged_before_resume = plugged_in_time
+    return True
 
 
 @dataclass
@@ -171,7 +235,7 @@ def in_progress_problem(status: str, qmp_path: object = "SOURCE_QMP") -> str:
 
 
 async def cancel_migration(
-    qmp: QmpSession,
+    qmp: Monitor,
     *,
     since: int,
     timeout: float = 45.0,
@@ -207,20 +271,50 @@ async def cancel_migration(
             )
 
 
+#: Seconds between ``query-migrate`` polls for the live RAM line.
+RAM_POLL_S = 0.5
+
+
+def ram_line(info: dict[str, Any]) -> str | None:
+    """One line of RAM progress from ``query-migrate``'s answer (``None`` before
+    QEMU has RAM figures): sent, left, the guest's dirty rate, expected downtime."""
+    ram = info.get("ram")
+    if not isinstance(ram, dict) or "total" not in ram:
+        return None
+    mib = 1024 * 1024
+    line = (
+        f"RAM {ram.get('transferred', 0) / mib:.0f} MiB sent, "
+        f"{ram.get('remaining', 0) / mib:.0f} of {ram['total'] / mib:.0f} MiB left"
+    )
+    if "dirty-pages-rate" in ram:
+        dirty = ram["dirty-pages-rate"] * ram.get("page-size", 4096) / mib
+        line += f", guest dirtying {dirty:.1f} MiB/s"
+    if "expected-downtime" in info:
+        line += f", expected downtime {info['expected-downtime']} ms"
+    return line
+
+
 class Migration:
-    """One migration from ``source`` to ``target`` (both connected sessions)."""
+    """One migration from ``source`` to ``target`` (both connected sessions).
+
+    :param progress: Told each step, as a line.
+    :param ram_progress: Told the RAM progress (:func:`ram_line`) every
+        :data:`RAM_POLL_S` while QEMU copies memory (``active``).
+    """
 
     def __init__(
         self,
-        source: QmpSession,
-        target: QmpSession,
+        source: Monitor,
+        target: Monitor,
         uri: str,
         options: MigrationOptions | None = None,
         *,
         timeline: Timeline | None = None,
         progress: Progress | None = None,
+        ram_progress: Progress | None = None,
     ) -> None:
         self.source = source
+        self.ram_progress = ram_progress
         self.target = target
         self.uri = uri
         self.options = options or MigrationOptions()
@@ -269,7 +363,7 @@ class Migration:
         problems += [f"source: migration blocked: {reason}" for reason in blocked]
 
         self.pairs = await failover_pairs(self.source)
-        visible = await self.source.visible_device_ids()
+        visible = await visible_device_ids(self.source)
         self._visible_primaries = {p for p in self.pairs.values() if p and p in visible}
         target_pairs = await failover_pairs(self.target)
         for standby in self.pairs:
@@ -331,7 +425,7 @@ class Migration:
     async def _watch_target(self, report: MigrationReport) -> None:
         """Say at once when the target QEMU exits (it does when its incoming migration
         fails or is cancelled)."""
-        await self.target.wait_gone()
+        await self.target.wait_closed()
         self._target_exited(report)
 
     def _target_exited(self, report: MigrationReport) -> None:
@@ -356,7 +450,40 @@ class Migration:
         else:
             await self._verify_source_after_failure(report)
 
+    async def _poll_ram(self) -> None:
+        """Tell ``ram_progress`` how the copy goes until cancelled."""
+        assert self.ram_progress is not None
+        while True:
+            try:
+                line = ram_line(await self.source.execute("query-migrate"))
+            except MonitorError:
+                return
+            if line is not None:
+                self.ram_progress(line)
+            await asyncio.sleep(RAM_POLL_S)
+
     async def _follow_source(self, since: int, report: MigrationReport) -> str:
+        """Follow the source's MIGRATION events to a final state (see
+        :meth:`_follow_source_events`), with the RAM line while memory is copied."""
+        poller: asyncio.Task[None] | None = None
+
+        def on_status(status: str) -> None:
+            nonlocal poller
+            if status == "active" and self.ram_progress is not None and poller is None:
+                poller = asyncio.create_task(self._poll_ram())
+            elif status != "active" and poller is not None:
+                poller.cancel()
+                poller = None
+
+        try:
+            return await self._follow_source_events(since, report, on_status)
+        finally:
+            if poller is not None:
+                poller.cancel()
+
+    async def _follow_source_events(
+        self, since: int, report: MigrationReport, on_status: Callable[[str], None]
+    ) -> str:
         """Follow the source's MIGRATION events to a final state; cancel when the guest
         holds a primary past the deadline."""
         deadline = time.monotonic() + self.options.timeout
@@ -389,6 +516,7 @@ class Migration:
                 return await self._cancel(index, "overall timeout", report)
             index = self.source.index_after(event, index)
             status = str(event.data.get("status"))
+            on_status(status)
             self.progress(f"source: {status}")
             unreleased = self._unreleased_primaries(since)
             if status == "active" and unreleased:
@@ -438,34 +566,10 @@ class Migration:
             await asyncio.sleep(0.05)
 
     async def _finish_on_target(self, since: int, report: MigrationReport) -> None:
-        try:
-            resume = await self.target.wait_event("RESUME", since=since, timeout=30)
-        except TimeoutError:
-            report.problems.append("the target did not resume within 30 s")
+        if not await check_target_primaries(
+            self.target, since, self.pairs, self._visible_primaries, report
+        ):
             return
-        target_pairs = await failover_pairs(self.target)
-        plugged_in_time = True
-        for standby, source_primary in self.pairs.items():
-            if source_primary is None or source_primary not in self._visible_primaries:
-                continue  # nothing to plug: the guest had no primary there
-            negotiated = [
-                e
-                for e in self.target.events_named("FAILOVER_NEGOTIATED", since)
-                if e.data.get("device-id") == standby
-            ]
-            if not negotiated:
-                plugged_in_time = False
-                if await standby_negotiated(self.target, standby):
-                    report.problems.append(
-                        f"the target did not announce FAILOVER_NEGOTIATED for {standby}: "
-                        "its primary stays hidden"
-                    )
-            elif negotiated[0].time > resume.time:
-                plugged_in_time = False
-            if target_pairs.get(standby) is None:
-                plugged_in_time = False
-                report.problems.append(f"the target has no primary for {standby}")
-        report.primary_plugged_before_resume = plugged_in_time
         if self.options.announce and self.pairs:
             standbys = sorted(self.pairs)
             await self.target.execute("announce-self", _announce_args(standbys))
@@ -481,12 +585,7 @@ class Migration:
         if not primaries:
             report.source_primary_back = False if self._visible_primaries else None
             return
-        deadline = time.monotonic() + 10
-        while True:
-            visible = set(primaries) <= await self.source.visible_device_ids()
-            if visible or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
+        visible = await primaries_visible_within(self.source, primaries, timeout=10)
         report.source_primary_back = visible
         state = await self.source.run_state()
         if state != "running":

@@ -29,19 +29,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MonitorCommandError, PairingError
-from .qmp import QmpSession
+from .errors import MonitorCommandError, PairingError, Violation
+from .qmp import Monitor
+from .vm_devices import PERIPHERAL, find_primary, peripherals_where, qom_property
 
 #: Ports a hot-pluggable primary may sit on.
 HOTPLUG_PORT_TYPES = frozenset({"pcie-root-port", "ioh3420", "xio3130-downstream"})
 #: Primaries whose class is known only once realized (a passed-through function).
 PASSTHROUGH_DRIVERS = frozenset({"vfio-pci"})
-
-
-@dataclass(frozen=True)
-class Violation:
-    rule: str
-    message: str
 
 
 @dataclass(frozen=True)
@@ -75,61 +70,11 @@ class PrimaryConfig:
         return args
 
 
-PERIPHERAL = "/machine/peripheral"
+async def _devices_on_port(qmp: Monitor, port: str) -> list[str]:
+    return await peripherals_where(qmp, "parent_bus", f"{PERIPHERAL}/{port}/{port}")
 
 
-async def _prop(qmp: QmpSession, path: str, name: str) -> Any:
-    """A QOM property, or ``None`` when the object or the property does not exist."""
-    try:
-        return await qmp.qom_get(path, name)
-    except MonitorCommandError:
-        return None
-
-
-async def peripheral_ids(qmp: QmpSession) -> list[str]:
-    """Ids of the devices created with an ``id`` (realized ones: a hidden primary is not)."""
-    children = await qmp.execute("qom-list", {"path": PERIPHERAL})
-    return [c["name"] for c in children if str(c.get("type", "")).startswith("child<")]
-
-
-async def _peripherals_where(qmp: QmpSession, prop: str, value: Any) -> list[str]:
-    """Ids of the realized devices whose QOM property ``prop`` equals ``value``."""
-    return [
-        device_id
-        for device_id in await peripheral_ids(qmp)
-        if await _prop(qmp, f"{PERIPHERAL}/{device_id}", prop) == value
-    ]
-
-
-async def find_primary(qmp: QmpSession, standby_id: str) -> str | None:
-    """The realized device that names ``standby_id`` as its pair, if any."""
-    paired = await _peripherals_where(qmp, "failover_pair_id", standby_id)
-    return paired[0] if paired else None
-
-
-async def failover_pairs(qmp: QmpSession) -> dict[str, str | None]:
-    """Every standby of the VM (virtio-net with ``failover=on``) and its realized
-    primary (``None``: none, or still hidden)."""
-    pairs: dict[str, str | None] = {}
-    ids = await peripheral_ids(qmp)
-    for device_id in ids:
-        path = f"{PERIPHERAL}/{device_id}"
-        if await _prop(qmp, path, "type") == "virtio-net-pci" and await _prop(
-            qmp, path, "failover"
-        ):
-            pairs[device_id] = None
-    for device_id in ids:
-        pair = await _prop(qmp, f"{PERIPHERAL}/{device_id}", "failover_pair_id")
-        if pair in pairs:
-            pairs[str(pair)] = device_id
-    return pairs
-
-
-async def _devices_on_port(qmp: QmpSession, port: str) -> list[str]:
-    return await _peripherals_where(qmp, "parent_bus", f"{PERIPHERAL}/{port}/{port}")
-
-
-async def _is_network_driver(qmp: QmpSession, driver: str) -> bool:
+async def _is_network_driver(qmp: Monitor, driver: str) -> bool:
     """Network devices are the ones with a ``netdev`` property."""
     try:
         props = await qmp.execute("device-list-properties", {"typename": driver})
@@ -138,9 +83,9 @@ async def _is_network_driver(qmp: QmpSession, driver: str) -> bool:
     return any(p.get("name") == "netdev" for p in props)
 
 
-async def check_standby(qmp: QmpSession, standby_id: str) -> list[Violation]:
+async def check_standby(qmp: Monitor, standby_id: str) -> list[Violation]:
     path = f"{PERIPHERAL}/{standby_id}"
-    device_type = await _prop(qmp, path, "type")
+    device_type = await qom_property(qmp, path, "type")
     if device_type is None:
         return [Violation("standby-exists", f"QEMU has no device {standby_id!r}")]
     violations = []
@@ -148,7 +93,7 @@ async def check_standby(qmp: QmpSession, standby_id: str) -> list[Violation]:
         violations.append(
             Violation("standby-is-virtio-net", f"{standby_id} is {device_type}, not virtio-net-pci")
         )
-    elif not await _prop(qmp, path, "failover"):
+    elif not await qom_property(qmp, path, "failover"):
         violations.append(
             Violation("standby-failover-on", f"{standby_id} has failover=off; set failover=on")
         )
@@ -156,7 +101,7 @@ async def check_standby(qmp: QmpSession, standby_id: str) -> list[Violation]:
 
 
 async def check_pairing(
-    qmp: QmpSession, standby_id: str, primary: PrimaryConfig | None = None
+    qmp: Monitor, standby_id: str, primary: PrimaryConfig | None = None
 ) -> list[Violation]:
     """Every rule the pair breaks in this QEMU (empty: the pair is sound)."""
     violations = await check_standby(qmp, standby_id)
@@ -184,7 +129,7 @@ async def check_pairing(
             )
         )
     else:
-        port_type = await _prop(qmp, f"{PERIPHERAL}/{primary.bus}", "type")
+        port_type = await qom_property(qmp, f"{PERIPHERAL}/{primary.bus}", "type")
         if port_type is None:
             violations.append(
                 Violation("primary-on-hotplug-port", f"QEMU has no PCIe port {primary.bus!r}")
@@ -196,7 +141,7 @@ async def check_pairing(
                     f"{primary.bus} is a {port_type}, not a hot-pluggable PCIe port",
                 )
             )
-        elif await _prop(qmp, f"{PERIPHERAL}/{primary.bus}", "hotplug") is False:
+        elif await qom_property(qmp, f"{PERIPHERAL}/{primary.bus}", "hotplug") is False:
             violations.append(
                 Violation("primary-on-hotplug-port", f"{primary.bus} has hotplug=off")
             )
@@ -228,7 +173,7 @@ async def check_pairing(
             Violation("one-primary-per-standby", f"{standby_id} already has primary {existing!r}")
         )
 
-    standby_mac = await _prop(qmp, f"{PERIPHERAL}/{standby_id}", "mac")
+    standby_mac = await qom_property(qmp, f"{PERIPHERAL}/{standby_id}", "mac")
     if standby_mac is not None and (primary.mac or "").lower() != str(standby_mac).lower():
         violations.append(
             Violation(
@@ -241,7 +186,7 @@ async def check_pairing(
 
 
 async def require_pairing(
-    qmp: QmpSession, standby_id: str, primary: PrimaryConfig | None = None
+    qmp: Monitor, standby_id: str, primary: PrimaryConfig | None = None
 ) -> None:
     """:raise PairingError: With every violated rule, when there is any."""
     violations = await check_pairing(qmp, standby_id, primary)

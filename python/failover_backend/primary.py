@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from .errors import MonitorCommandError, PrimaryError, UnplugTimeout
-from .negotiation import standby_negotiated
-from .pairing import PERIPHERAL, PrimaryConfig, require_pairing
-from .qmp import QmpEvent, QmpSession
+from .pairing import PrimaryConfig, require_pairing
+from .qmp import Monitor, QmpEvent
+from .standby_negotiation import standby_negotiated
+from .vm_devices import PERIPHERAL, pci_devices, visible_device_ids
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class Primary:
 
     def __init__(
         self,
-        qmp: QmpSession,
+        qmp: Monitor,
         config: PrimaryConfig,
         netdev: Mapping[str, Any] | None = None,
     ) -> None:
@@ -59,7 +60,7 @@ class Primary:
 
     async def visible(self) -> bool:
         """The guest can see it (it is on the PCI bus)."""
-        return self.device_id in await self.qmp.visible_device_ids()
+        return self.device_id in await visible_device_ids(self.qmp)
 
     async def state(self) -> PrimaryState:
         if await self.visible():
@@ -109,7 +110,7 @@ class Primary:
         return "visible"
 
     async def _check_class(self) -> None:
-        for device in await self.qmp.pci_devices():
+        for device in await pci_devices(self.qmp):
             if device.get("qdev_id") == self.device_id:
                 pci_class = int(device.get("class_info", {}).get("class", -1))
                 if pci_class != ETHERNET_CLASS:

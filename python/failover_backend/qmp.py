@@ -26,12 +26,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from .errors import MonitorCommandError, MonitorUnavailable, QemuGone
 from .timeline import Timeline
+from .waiting import Changes, within
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +50,18 @@ class QmpEvent:
 
 EventMatch = Callable[[QmpEvent], bool]
 
+_M = TypeVar("_M", bound="Monitor")
 
-class QmpSession:
-    """One QMP connection.
+
+#: Events a session keeps (between this and twice as many).
+KEEP_EVENTS = 10_000
+
+
+class Monitor:
+    """A monitor of one QEMU: commands, and every event recorded in order. The ways
+    to reach one (:class:`QmpSession`, a QMP socket; ``LibvirtMonitor``, libvirt's
+    QMP passthrough) supply :meth:`_send` and feed :meth:`_record`; every controller
+    step takes a ``Monitor``.
 
     :param name: Names the QEMU in messages and timelines (``source``, ``target``).
     :param timeline: Every event is also added here, when given.
@@ -60,16 +70,21 @@ class QmpSession:
     def __init__(self, name: str, timeline: Timeline | None = None) -> None:
         self.name = name
         self.timeline = timeline
+        #: The QMP socket, when reached through one (what ``cancel --qmp`` takes).
         self.path: Path | None = None
+        #: The latest events (at most about twice :attr:`keep_events`): a ``run`` lives
+        #: as long as its VM and must not keep every event of it.
         self.events: list[QmpEvent] = []
-        self._client = QMPClient(name)
-        self._changed = asyncio.Condition()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.keep_events = KEEP_EVENTS
+        #: Events forgotten from the front of :attr:`events`. Positions (``mark``,
+        #: ``since``) count every event ever received.
+        self._forgotten = 0
+        self._changed = Changes()
         self._gone: str | None = None
         #: When QEMU closed the connection (wall clock).
         self.gone_at: float | None = None
 
-    async def __aenter__(self) -> QmpSession:
+    async def __aenter__(self: _M) -> _M:
         return self
 
     async def __aexit__(
@@ -79,6 +94,155 @@ class QmpSession:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    async def close(self) -> None:
+        """Let go of the monitor (never fails)."""
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
+        """Send one command, return QEMU's answer.
+
+        :raise MonitorCommandError: When QEMU refuses it.
+        :raise QemuGone: When the monitor is gone (after :meth:`_set_gone`).
+        """
+        raise NotImplementedError
+
+    def _record(self, event: QmpEvent) -> None:
+        if self.timeline is not None:
+            self.timeline.add(self.name, event.name, _describe(event), at=event.time)
+        self._remember(event)
+        self._changed.notify()
+
+    def _mark_gone(self, why: str) -> None:
+        if self._gone is None:
+            self._gone = why
+            self.gone_at = time.time()
+            if self.timeline is not None:
+                self.timeline.add(self.name, "QMP-CLOSED", why)
+        self._changed.notify()
+
+    async def _set_gone(self, why: str) -> None:
+        self._mark_gone(why)
+
+    @property
+    def gone(self) -> bool:
+        return self._gone is not None
+
+    async def wait_closed(self) -> str:
+        """Wait until QEMU closes the connection; returns why."""
+        while self._gone is None:
+            await self._changed.wait(None)
+        return self._gone
+
+    def _raise_if_gone(self) -> None:
+        if self._gone is not None:
+            raise QemuGone(f"{self.name}: {self._gone}")
+
+    async def execute(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> Any:
+        """Run ``command`` and return QEMU's answer.
+
+        :raise MonitorCommandError: When QEMU refuses it (its error class and message kept).
+        :raise QemuGone: When QEMU is gone, or goes away meanwhile.
+        """
+        self._raise_if_gone()
+        try:
+            return await within(self._send(command, arguments), timeout)
+        except asyncio.TimeoutError as err:
+            raise QemuGone(f"{self.name}: {command} got no answer in {timeout:.0f} s") from err
+
+    def _remember(self, event: QmpEvent) -> None:
+        """Keep ``event``; forget the oldest half once twice :attr:`keep_events` are kept
+        (in batches, so a long life costs no copying per event)."""
+        self.events.append(event)
+        if len(self.events) > 2 * self.keep_events:
+            drop = len(self.events) - self.keep_events
+            del self.events[:drop]
+            self._forgotten += drop
+
+    def _end(self) -> int:
+        return self._forgotten + len(self.events)
+
+    def mark(self) -> int:
+        """Where the event log is now: pass as ``since`` to wait for later events only."""
+        return self._end()
+
+    async def wait_event(
+        self,
+        names: str | Iterable[str],
+        *,
+        since: int = 0,
+        match: EventMatch | None = None,
+        timeout: float | None,
+    ) -> QmpEvent:
+        """The first event (from index ``since``) named ``names`` that ``match`` accepts.
+
+        :param timeout: Seconds to wait; ``None`` waits as long as QEMU is there.
+        :raise TimeoutError: When none arrives within ``timeout`` seconds.
+        :raise QemuGone: When QEMU goes away first.
+        """
+        wanted = {names} if isinstance(names, str) else set(names)
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        index = since
+        while True:
+            # Events older than the kept ones are gone: look from the oldest kept.
+            index = max(index, self._forgotten)
+            while index < self._end():
+                event = self.events[index - self._forgotten]
+                index += 1
+                if event.name in wanted and (match is None or match(event)):
+                    return event
+            self._raise_if_gone()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{self.name}: no {'/'.join(sorted(wanted))} within {timeout:.1f} s"
+                )
+            await self._changed.wait(None if remaining == float("inf") else remaining)
+
+    def index_after(self, event: QmpEvent, since: int = 0) -> int:
+        """The ``since`` to pass to see only events after ``event``."""
+        for index in range(max(since, self._forgotten), self._end()):
+            if self.events[index - self._forgotten] is event:
+                return index + 1
+        return self._end()
+
+    async def wait_device_deleted(self, device_id: str, *, since: int, timeout: float) -> QmpEvent:
+        """DEVICE_DELETED for ``device_id`` (the guest released it, QEMU removed it).
+
+        :raise TimeoutError: When it does not come within ``timeout`` seconds.
+        """
+        return await self.wait_event(
+            "DEVICE_DELETED",
+            since=since,
+            match=lambda e: e.data.get("device") == device_id,
+            timeout=timeout,
+        )
+
+    def events_named(self, name: str, since: int = 0) -> list[QmpEvent]:
+        return [e for e in self.events[max(since - self._forgotten, 0) :] if e.name == name]
+
+    # -- common queries --------------------------------------------------------
+
+    async def qom_get(self, path: str, prop: str) -> Any:
+        return await self.execute("qom-get", {"path": path, "property": prop})
+
+    async def run_state(self) -> str:
+        """``running``, ``paused``, ``inmigrate``, ``postmigrate``..."""
+        status = await self.execute("query-status")
+        return str(status["status"])
+
+
+class QmpSession(Monitor):
+    """A QMP socket of QEMU's own (``-qmp unix:PATH,server=on,wait=off``)."""
+
+    def __init__(self, name: str, timeline: Timeline | None = None) -> None:
+        super().__init__(name, timeline)
+        self._client = QMPClient(name)
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def connect(self, path: str | Path, timeout: float = 5.0) -> None:
         """Connect to the QMP socket at ``path``, retrying until ``timeout``.
@@ -93,7 +257,7 @@ class QmpSession:
             await asyncio.sleep(0.1)
         while True:
             try:
-                await asyncio.wait_for(self._client.connect(str(self.path)), timeout)
+                await within(self._client.connect(str(self.path)), timeout)
                 break
             except (QMPError, OSError, asyncio.TimeoutError) as err:
                 if time.monotonic() >= deadline:
@@ -115,41 +279,14 @@ class QmpSession:
                 raw: dict[str, Any] = dict(message)
                 stamp = raw.get("timestamp", {})
                 at = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
-                event = QmpEvent(at or time.time(), str(raw["event"]), dict(raw.get("data", {})))
-                if self.timeline is not None:
-                    self.timeline.add(self.name, event.name, _describe(event), at=event.time)
-                async with self._changed:
-                    self.events.append(event)
-                    self._changed.notify_all()
+                self._record(
+                    QmpEvent(at or time.time(), str(raw["event"]), dict(raw.get("data", {})))
+                )
 
     async def _watch_connection(self) -> None:
         while self._client.runstate == Runstate.RUNNING:
             await self._client.runstate_changed()
         await self._set_gone("QEMU closed the monitor connection")
-
-    async def _set_gone(self, why: str) -> None:
-        async with self._changed:
-            if self._gone is None:
-                self._gone = why
-                self.gone_at = time.time()
-                if self.timeline is not None:
-                    self.timeline.add(self.name, "QMP-CLOSED", why)
-            self._changed.notify_all()
-
-    @property
-    def gone(self) -> bool:
-        return self._gone is not None
-
-    async def wait_gone(self) -> str:
-        """Wait until QEMU closes the connection; returns why."""
-        async with self._changed:
-            while self._gone is None:
-                await self._changed.wait()
-            return self._gone
-
-    def _raise_if_gone(self) -> None:
-        if self._gone is not None:
-            raise QemuGone(f"{self.name}: {self._gone}")
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -160,123 +297,18 @@ class QmpSession:
         # Closing never fails: a QEMU that already went away leaves qemu.qmp with the
         # EOF it saw, which disconnect() re-raises.
         with contextlib.suppress(QMPError, OSError, EOFError, asyncio.TimeoutError):
-            await asyncio.wait_for(self._client.disconnect(), 5)
+            await within(self._client.disconnect(), 5)
 
-    async def execute(
-        self,
-        command: str,
-        arguments: dict[str, Any] | None = None,
-        timeout: float = COMMAND_TIMEOUT,
-    ) -> Any:
-        """Run ``command`` and return QEMU's answer.
-
-        :raise MonitorCommandError: When QEMU refuses it (its error class and message kept).
-        :raise QemuGone: When QEMU is gone, or goes away meanwhile.
-        """
-        self._raise_if_gone()
+    async def _send(self, command: str, arguments: dict[str, Any] | None) -> Any:
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            return await self._client.execute(command, arguments)
         except ExecuteError as err:
             raise MonitorCommandError(
                 command, arguments, err.error_class, err.error.error.desc
             ) from err
-        except asyncio.TimeoutError as err:
-            raise QemuGone(f"{self.name}: {command} got no answer in {timeout:.0f} s") from err
         except (QMPError, OSError, EOFError) as err:
             await self._set_gone(f"the monitor connection failed during {command}: {err}")
             raise QemuGone(f"{self.name}: {self._gone}") from err
-
-    def mark(self) -> int:
-        """Where the event log is now: pass as ``since`` to wait for later events only."""
-        return len(self.events)
-
-    async def wait_event(
-        self,
-        names: str | Iterable[str],
-        *,
-        since: int = 0,
-        match: EventMatch | None = None,
-        timeout: float | None,
-    ) -> QmpEvent:
-        """The first event (from index ``since``) named ``names`` that ``match`` accepts.
-
-        :param timeout: Seconds to wait; ``None`` waits as long as QEMU is there.
-        :raise TimeoutError: When none arrives within ``timeout`` seconds.
-        :raise QemuGone: When QEMU goes away first.
-        """
-        wanted = {names} if isinstance(names, str) else set(names)
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        index = since
-        async with self._changed:
-            while True:
-                while index < len(self.events):
-                    event = self.events[index]
-                    index += 1
-                    if event.name in wanted and (match is None or match(event)):
-                        return event
-                self._raise_if_gone()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"{self.name}: no {'/'.join(sorted(wanted))} within {timeout:.1f} s"
-                    )
-                if remaining == float("inf"):
-                    await self._changed.wait()
-                else:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-
-    def index_after(self, event: QmpEvent, since: int = 0) -> int:
-        """The ``since`` to pass to see only events after ``event``."""
-        for index in range(since, len(self.events)):
-            if self.events[index] is event:
-                return index + 1
-        return len(self.events)
-
-    async def wait_device_deleted(self, device_id: str, *, since: int, timeout: float) -> QmpEvent:
-        """DEVICE_DELETED for ``device_id`` (the guest released it, QEMU removed it).
-
-        :raise TimeoutError: When it does not come within ``timeout`` seconds.
-        """
-        return await self.wait_event(
-            "DEVICE_DELETED",
-            since=since,
-            match=lambda e: e.data.get("device") == device_id,
-            timeout=timeout,
-        )
-
-    def events_named(self, name: str, since: int = 0) -> list[QmpEvent]:
-        return [e for e in self.events[since:] if e.name == name]
-
-    # -- common queries --------------------------------------------------------
-
-    async def qom_get(self, path: str, prop: str) -> Any:
-        return await self.execute("qom-get", {"path": path, "property": prop})
-
-    async def run_state(self) -> str:
-        """``running``, ``paused``, ``inmigrate``, ``postmigrate``..."""
-        status = await self.execute("query-status")
-        return str(status["status"])
-
-    async def pci_devices(self) -> list[dict[str, Any]]:
-        """Every PCI device the guest can see, bridges' children included, each with
-        the ``bus`` number it sits on."""
-        found: list[dict[str, Any]] = []
-
-        def walk(devices: list[dict[str, Any]], bus: int) -> None:
-            for device in devices:
-                found.append({**device, "bus": bus})
-                bridge = device.get("pci_bridge")
-                if bridge:
-                    walk(bridge.get("devices", []), bridge["bus"]["secondary"])
-
-        for bus in await self.execute("query-pci"):
-            walk(bus["devices"], bus["bus"])
-        return found
-
-    async def visible_device_ids(self) -> set[str]:
-        """Ids of the PCI devices the guest can see (a hidden primary is not among them)."""
-        return {d["qdev_id"] for d in await self.pci_devices() if d.get("qdev_id")}
 
 
 def _describe(event: QmpEvent) -> str:

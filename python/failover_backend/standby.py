@@ -1,30 +1,29 @@
 """Attaching a standby to a running VM, and detaching it.
 
-A standby hot-plugged into a running VM is three objects: the chardev that reaches
-the backend's socket, the vhost-user netdev on it, and the ``virtio-net-pci`` with
-``failover=on`` on a free root port. Attach creates them in that order and undoes
-what it made if a later step fails; detach removes them in reverse.
+A standby hot-plugged into a running VM is three objects (described by
+:class:`~failover_backend.qemu_args.StandbyDevice`, as on the command line): the chardev
+that reaches the backend's socket, the vhost-user netdev on it, and the
+``virtio-net-pci`` with ``failover=on`` on a free root port. Attach creates them in that
+order and undoes what it made if a later step fails; detach removes them in reverse.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import MonitorCommandError, PrimaryError
-from .pairing import PERIPHERAL, find_primary, peripheral_ids
-from .qmp import QmpSession
+from .qemu_args import DEFAULT_MTU, StandbyDevice, chardev_id
+from .qmp import Monitor
+from .vm_devices import PERIPHERAL, find_primary, peripheral_ids
 
 logger = logging.getLogger(__name__)
 
 
-def chardev_id(device_id: str) -> str:
-    return f"chr-{device_id}"
-
-
-async def standby_chardev(qmp: QmpSession, standby_id: str) -> str | None:
+async def standby_chardev(qmp: Monitor, standby_id: str) -> str | None:
     """The chardev of the vhost-user netdev behind ``standby_id``, if it has one."""
     try:
         netdev = await qmp.qom_get(f"{PERIPHERAL}/{standby_id}", "netdev")
@@ -52,7 +51,7 @@ class BackendLink:
     def listening(self) -> bool:
         """A process listens on the socket (a backend QEMU is about to reconnect to);
         a file left by a killed backend does not count."""
-        return self.socket is not None and self.socket in _listening_unix_sockets()
+        return self.socket is not None and unix_socket_listens(self.socket)
 
     def describe(self) -> str:
         text = f"{self.state} (QEMU's side)"
@@ -84,7 +83,22 @@ def _listening_unix_sockets() -> set[str]:
     return paths
 
 
-async def backend_link(qmp: QmpSession, standby_id: str) -> BackendLink:
+def unix_socket_listens(path: str | Path) -> bool:
+    """Something listens on the Unix socket file at ``path`` (this network namespace),
+    found without connecting. The kernel lists a socket by the name it was bound at:
+    this project's backend binds ``.NAME.fbPID.N`` beside ``NAME`` and renames it into
+    place (rust/standby-net/src/public_socket.rs), so that name counts too."""
+    if not Path(path).is_socket():
+        return False
+    text = str(path)
+    directory, name = os.path.split(text)
+    renamed_from = os.path.join(directory, f".{name}.fb")
+    return any(
+        bound == text or bound.startswith(renamed_from) for bound in _listening_unix_sockets()
+    )
+
+
+async def backend_link(qmp: Monitor, standby_id: str) -> BackendLink:
     """The standby's vhost-user connection, as QEMU reports it (``query-chardev``)."""
     chardev = await standby_chardev(qmp, standby_id)
     if chardev is None:
@@ -101,7 +115,7 @@ async def backend_link(qmp: QmpSession, standby_id: str) -> BackendLink:
     return BackendLink("not vhost-user")
 
 
-async def free_root_ports(qmp: QmpSession) -> list[str]:
+async def free_root_ports(qmp: Monitor) -> list[str]:
     """Root ports with nothing plugged in, in id order."""
     ports = []
     occupied = set()
@@ -119,7 +133,7 @@ async def free_root_ports(qmp: QmpSession) -> list[str]:
 
 
 async def attach_standby(
-    qmp: QmpSession,
+    qmp: Monitor,
     *,
     device_id: str,
     socket_path: str | Path,
@@ -127,6 +141,7 @@ async def attach_standby(
     bus: str | None = None,
     queues: int = 1,
     legacy_interrupts: bool = False,
+    mtu: int = DEFAULT_MTU,
 ) -> str:
     """Hot-plug a failover standby served by the vhost-user backend on ``socket_path``.
 
@@ -144,46 +159,22 @@ async def attach_standby(
             raise PrimaryError("no free pcie-root-port for the standby")
         bus = free[0]
     existing_primary = await find_primary(qmp, device_id)
-    chardev: dict[str, Any] = {
-        "id": chardev_id(device_id),
-        "backend": {
-            "type": "socket",
-            "data": {
-                "addr": {"type": "unix", "data": {"path": str(socket_path)}},
-                "server": False,
-                # Reconnect to a backend that restarts (seconds between attempts).
-                "reconnect": 1,
-            },
-        },
-    }
-    netdev: dict[str, Any] = {
-        "type": "vhost-user",
-        "id": device_id,
-        "chardev": chardev_id(device_id),
-    }
-    if queues > 1:
-        netdev["queues"] = queues
-    device: dict[str, Any] = {
-        "driver": "virtio-net-pci",
-        "netdev": device_id,
-        "id": device_id,
-        "mac": mac,
-        "bus": bus,
-        "failover": True,
-    }
-    if legacy_interrupts:
-        device["vectors"] = 0
-    elif queues > 1:
-        device["mq"] = True
-        device["vectors"] = 2 * queues + 2
-
+    standby = StandbyDevice(
+        socket_path=str(socket_path),
+        mac=mac,
+        queues=queues,
+        device_id=device_id,
+        bus=bus,
+        legacy_interrupts=legacy_interrupts,
+        mtu=mtu,
+    )
     undo: list[tuple[str, dict[str, Any]]] = []
     try:
-        await qmp.execute("chardev-add", chardev)
-        undo.append(("chardev-remove", {"id": chardev_id(device_id)}))
-        await qmp.execute("netdev_add", netdev)
+        await qmp.execute("chardev-add", standby.chardev_add())
+        undo.append(("chardev-remove", {"id": standby.chardev_id}))
+        await qmp.execute("netdev_add", standby.netdev_add())
         undo.append(("netdev_del", {"id": device_id}))
-        await qmp.execute("device_add", device)
+        await qmp.execute("device_add", standby.device_add())
     except MonitorCommandError:
         for command, arguments in reversed(undo):
             try:
@@ -202,7 +193,7 @@ async def attach_standby(
     return bus
 
 
-async def detach_standby(qmp: QmpSession, device_id: str, deadline: float = 10.0) -> None:
+async def detach_standby(qmp: Monitor, device_id: str, deadline: float = 10.0) -> None:
     """Unplug the standby (waiting for the guest to release it), then its netdev and
     chardev."""
     mark = qmp.mark()

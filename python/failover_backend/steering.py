@@ -41,9 +41,9 @@ import logging
 
 from .backend import StandbyBackend, SteerMode
 from .errors import BackendError, MonitorCommandError
-from .pairing import PERIPHERAL, find_primary
-from .qmp import QmpEvent, QmpSession
+from .qmp import Monitor, QmpEvent
 from .timeline import Timeline
+from .vm_devices import PERIPHERAL, find_primary, visible_device_ids
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,13 @@ class PairSteering:
         except BackendError as err:
             logger.warning("%s: cannot steer: %s", self.standby_id, err)
 
-    async def _primary(self, qmp: QmpSession) -> str | None:
+    async def _primary(self, qmp: Monitor) -> str | None:
         found = await find_primary(qmp, self.standby_id)
         if found is not None:
             self.primary_id = found
         return found
 
-    async def _is_ours(self, qmp: QmpSession, device_id: object) -> bool:
+    async def _is_ours(self, qmp: Monitor, device_id: object) -> bool:
         if not isinstance(device_id, str):
             return False
         if device_id == self.primary_id:
@@ -109,19 +109,19 @@ class PairSteering:
             return False
         return bool(pair == self.standby_id)
 
-    async def start(self, qmp: QmpSession) -> None:
+    async def start(self, qmp: Monitor) -> None:
         """Set the mode for the VM as it is now."""
         state = await qmp.run_state()
         if state == "inmigrate":
             self.steer("off", "waiting for the VM to migrate here")
             return
         primary = await self._primary(qmp)
-        if primary is not None and primary in await qmp.visible_device_ids():
+        if primary is not None and primary in await visible_device_ids(qmp):
             self.steer("primary", f"primary {primary} is plugged")
         else:
             self.steer("standby", "no primary plugged")
 
-    async def on_event(self, qmp: QmpSession, event: QmpEvent, incoming: bool) -> None:
+    async def on_event(self, qmp: Monitor, event: QmpEvent, incoming: bool) -> None:
         """Follow one of the VM's events; ``incoming`` while it waits for a migration."""
         name, data = event.name, event.data
         if name == "FAILOVER_NEGOTIATED" and not incoming:

@@ -41,6 +41,7 @@ class StandbySpec:
     failover: bool = True
     queues: int = 1
     backend_is_client: bool = False
+    mtu: int = 1500
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,7 @@ def qemu_argv(config: VmConfig) -> list[str]:
             bus=standby.bus,
             failover=standby.failover,
             legacy_interrupts=config.accel == "tcg",
+            mtu=standby.mtu,
         )
     for primary in config.primaries:
         argv += primary.command_line()

@@ -23,9 +23,9 @@ from typing import Any
 
 from ..backend import StandbyBackend
 from ..controller import FailoverController
-from ..lifecycle import enable_migration_events
 from ..qmp import QmpSession
 from ..timeline import Timeline
+from ..vm_life import enable_migration_events
 from .console import GuestConsole
 from .guest import GuestImage, build_guest_image
 from .hostnet import HostNetwork, unique_name
@@ -180,6 +180,7 @@ class Lab:
         standby_listens: bool = False,
         connect_qmp: bool = True,
         steer: bool = True,
+        standby_mtu: int = 1500,
     ) -> LabVM:
         """Start a QEMU (and its standby backends) and connect to its QMP.
 
@@ -197,6 +198,8 @@ class Lab:
             watches events on the third, and no lab controller steers.
         :param steer: Keep each lab backend's steering in step with QEMU, as ``run``
             does (a controller per pair on the VM's QMP session).
+        :param standby_mtu: The standbys' MTU (their backends' ``mtu``, QEMU's
+            ``host_mtu``).
         """
         assert self.image is not None
         backends: list[StandbyBackend] = []
@@ -208,7 +211,7 @@ class Lab:
             if standby:
                 socket = standby_sockets[index] if standby_sockets else standby_socket
                 if socket is None:
-                    backend = self.backend(f"{name}-{index}", mac=mac)
+                    backend = self.backend(f"{name}-{index}", mac=mac, mtu=standby_mtu)
                     backends.append(backend)
                     socket = Path(backend.socket_path)
                 standbys.append(
@@ -219,6 +222,7 @@ class Lab:
                         bus=f"root{2 * index + 2}",
                         failover=failover,
                         backend_is_client=standby_listens,
+                        mtu=standby_mtu,
                     )
                 )
             if primary:

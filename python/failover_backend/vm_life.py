@@ -22,13 +22,14 @@ QEMU exited otherwise                  1     QEMU exited without shutting down
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .errors import MonitorCommandError, QemuGone
+from .errors import MonitorCommandError, MonitorError, QemuGone
 from .migration import Progress, cancel_migration
-from .qmp import QmpSession
+from .qmp import Monitor
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class VmEnd:
     message: str
 
 
-async def enable_migration_events(qmp: QmpSession) -> None:
+async def enable_migration_events(qmp: Monitor) -> None:
     """MIGRATION events are off by default; a migration in progress keeps them as set."""
     try:
         await qmp.execute(
@@ -57,12 +58,36 @@ async def enable_migration_events(qmp: QmpSession) -> None:
         logger.info("migration events left as they are: %s", err.description)
 
 
+@dataclass
+class MigrationRecord:
+    """The outgoing migrations ``run`` saw (for its metrics)."""
+
+    #: By how each ended: ``completed``, ``cancelled``, ``failed``.
+    ended: dict[str, int] = field(default_factory=dict)
+    #: Cancelled by ``run`` because the guest held the primary past the deadline.
+    deadline_cancels: int = 0
+    #: Of the last migration: seconds in ``wait-unplug``, and QEMU's total time and
+    #: downtime in ms (of a completed one).
+    wait_unplug_s: float | None = None
+    total_time_ms: float | None = None
+    downtime_ms: float | None = None
+
+    def end(self, status: str) -> None:
+        self.ended[status] = self.ended.get(status, 0) + 1
+
+
 async def follow_vm(
-    qmp: QmpSession, *, wait_unplug_timeout: float, progress: Progress | None = None
+    qmp: Monitor,
+    *,
+    wait_unplug_timeout: float,
+    progress: Progress | None = None,
+    record: MigrationRecord | None = None,
 ) -> VmEnd:
     """Follow the VM until its life here ends, cancelling an outgoing migration held
-    in ``wait-unplug`` longer than ``wait_unplug_timeout`` seconds."""
+    in ``wait-unplug`` longer than ``wait_unplug_timeout`` seconds; ``record`` counts
+    what the outgoing migrations did."""
     say = progress or (lambda line: logger.warning("%s", line))
+    record = record if record is not None else MigrationRecord()
     index = qmp.mark()
     try:
         incoming = await qmp.run_state() == "inmigrate"
@@ -71,6 +96,7 @@ async def follow_vm(
         return VmEnd(EXIT_FAILURE, "QEMU exited before it could be watched")
     migrating_out = status in ("setup", "wait-unplug", "active", "cancelling") and not incoming
     wait_unplug_since = time.monotonic() if status == "wait-unplug" and migrating_out else None
+    wait_unplug_entered = wait_unplug_since
     while True:
         timeout = None
         if wait_unplug_since is not None:
@@ -85,6 +111,9 @@ async def follow_vm(
                 f"the guest did not release its primary within {wait_unplug_timeout:g} s of "
                 "QEMU's request; cancelling the migration (QEMU alone would wait forever)"
             )
+            if wait_unplug_entered is not None:
+                record.wait_unplug_s = time.monotonic() - wait_unplug_entered
+            record.deadline_cancels += 1
             try:
                 final = await cancel_migration(qmp, since=index, progress=say)
             except MonitorCommandError as err:
@@ -117,10 +146,23 @@ async def follow_vm(
             continue
         if status == "setup":
             migrating_out = True
+            record.wait_unplug_s = record.total_time_ms = record.downtime_ms = None
         if not migrating_out:
             continue  # the end of the incoming migration, reported after RESUME
+        if wait_unplug_entered is not None and status != "wait-unplug":
+            if wait_unplug_since is not None:  # left it by itself, not by our cancel
+                record.wait_unplug_s = time.monotonic() - wait_unplug_entered
+            wait_unplug_entered = None
         wait_unplug_since = time.monotonic() if status == "wait-unplug" else None
+        if status == "wait-unplug":
+            wait_unplug_entered = wait_unplug_since
         if status == "completed":
+            record.end(status)
+            with contextlib.suppress(MonitorError):
+                info = await qmp.execute("query-migrate")
+                record.total_time_ms = info.get("total-time")
+                record.downtime_ms = info.get("downtime")
             return VmEnd(EXIT_OK, "the VM migrated away; nothing left to serve here")
         if status in ("cancelled", "failed"):
+            record.end(status)
             migrating_out = False

@@ -9,12 +9,12 @@ message that says what is probably missing.
 from __future__ import annotations
 
 from .errors import MonitorCommandError, NegotiationTimeout
-from .qmp import QmpEvent, QmpSession
+from .qmp import Monitor, QmpEvent
 
 STANDBY_FEATURE = "VIRTIO_NET_F_STANDBY"
 
 
-async def guest_features(qmp: QmpSession, standby_id: str) -> list[str]:
+async def guest_features(qmp: Monitor, standby_id: str) -> list[str]:
     """The feature names the guest driver acked on the standby (``x-query-virtio-status``)."""
     try:
         status = await qmp.execute(
@@ -27,12 +27,12 @@ async def guest_features(qmp: QmpSession, standby_id: str) -> list[str]:
     return [name.split(":")[0] for name in names]
 
 
-async def standby_negotiated(qmp: QmpSession, standby_id: str) -> bool:
+async def standby_negotiated(qmp: Monitor, standby_id: str) -> bool:
     return STANDBY_FEATURE in await guest_features(qmp, standby_id)
 
 
 async def wait_negotiated(
-    qmp: QmpSession, standby_id: str, *, timeout: float, since: int = 0
+    qmp: Monitor, standby_id: str, *, timeout: float, since: int = 0
 ) -> QmpEvent | None:
     """Wait until the guest negotiated STANDBY on ``standby_id``.
 
