@@ -92,10 +92,13 @@ class Case:
     mode: str
     size: int
     queues: int
+    #: "split" or "packed": the ring layout virtio-user asks both backends for.
+    ring: str = "split"
 
     @property
     def name(self) -> str:
-        return f"{self.mode} {self.size} B {self.queues}q"
+        packed = " packed" if self.ring == "packed" else ""
+        return f"{self.mode} {self.size} B {self.queues}q{packed}"
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Result:
     mode: str
     size: int
     queues: int
+    ring: str
     backend: str
     round: int
     mpps: float
@@ -227,7 +231,8 @@ def run_frontend(
         f"--txq={case.queues}",
         "--nb-cores=1",
     ]
-    vdev = virtio_user_vdev(str(socket), queues=case.queues, in_order=in_order)
+    packed_vq = int(case.ring == "packed")
+    vdev = virtio_user_vdev(str(socket), queues=case.queues, in_order=in_order, packed_vq=packed_vq)
     with Testpmd(binary, [vdev], app, lcores=FRONTEND_LCORES) as pmd:
         time.sleep(0.5)
         sample_rss()
@@ -307,6 +312,7 @@ def bench(
                         case.mode,
                         case.size,
                         case.queues,
+                        case.ring,
                         backend,
                         round_no + 1,
                         mpps,
@@ -373,7 +379,8 @@ def report(table: list[Row], results: list[Result], args: argparse.Namespace) ->
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, kernel {platform.release()};"
         f" {args.rounds} round(s) of {args.seconds:g} s windows after {args.warmup:g} s"
-        " warm-up, backends alternating, each run after a quiet second; split rings,"
+        " warm-up, backends alternating, each run after a quiet second;"
+        f" {' and '.join(args.rings)} rings,"
         f" virtio-user in_order={args.in_order}, standby --poll-us {args.poll_us}."
         " Median (min-max) in Mpps, ratio of"
         " medians. Where the two ranges overlap, the run cannot tell the backends apart."
@@ -444,6 +451,13 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 512, 1518])
     parser.add_argument("--queues", nargs="+", type=int, choices=(1, 2), default=[1, 2])
     parser.add_argument(
+        "--rings",
+        nargs="+",
+        choices=("split", "packed"),
+        default=["split"],
+        help="ring layouts to run each case with (virtio-user's packed_vq; default split)",
+    )
+    parser.add_argument(
         "--in-order",
         type=int,
         choices=(0, 1),
@@ -459,7 +473,13 @@ def main() -> int:
     if binary is None:
         print("dpdk-testpmd not found (apt-get install dpdk-dev)", file=sys.stderr)
         return 1
-    cases = [Case(m, s, q) for q in args.queues for m in args.modes for s in args.sizes]
+    cases = [
+        Case(m, s, q, r)
+        for r in args.rings
+        for q in args.queues
+        for m in args.modes
+        for s in args.sizes
+    ]
     results = bench(
         binary,
         cases,
@@ -485,6 +505,7 @@ def main() -> int:
                     "rounds": args.rounds,
                     "warmup": args.warmup,
                     "in_order": args.in_order,
+                    "rings": args.rings,
                     "poll_us": args.poll_us,
                     "results": [asdict(r) for r in results],
                     "summary": [

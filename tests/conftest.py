@@ -7,9 +7,9 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -44,6 +44,17 @@ def qemu_lab() -> None:
     for tool, package in (("dpkg-deb", "dpkg"), ("cpio", "cpio"), ("depmod", "kmod")):
         require_tool(tool, f"Debian package {package}")
     require_root("TAP devices and a bridge")
+
+
+@pytest.fixture
+def libvirt_lab(qemu_lab: None) -> None:
+    """libvirtd (run by the test itself, in a mount namespace) and libvirt-python."""
+    require_tool("libvirtd", "Debian package libvirt-daemon; .ci/run installs it")
+    require_tool("unshare", "Debian package util-linux")
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        require_tool("libvirt-python", "pip install libvirt-python; ./dev setup does")
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 240.0) -> T:

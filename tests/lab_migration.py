@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from failover_backend.lab.scenario import Lab, LabVM
 from failover_backend.migration import Migration, MigrationOptions, MigrationReport
 
 
-def migration(lab: Lab, source: LabVM, target: LabVM, **options: Any) -> Migration:
+def migration(
+    lab: Lab,
+    source: LabVM,
+    target: LabVM,
+    ram_progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Migration:
     """From ``source`` to ``target`` over a socket of the source's own, so several
     migrations can run at once; the lab's controllers steer each side, as ``run``
     would."""
@@ -18,6 +25,7 @@ def migration(lab: Lab, source: LabVM, target: LabVM, **options: Any) -> Migrati
         f"unix:{lab.workdir}/migration-{source.name}.sock",
         MigrationOptions(**options),
         timeline=lab.timeline,
+        ram_progress=ram_progress,
     )
 
 

@@ -1,4 +1,5 @@
-"""The throughput benchmark still runs: every mode, both backends, all three outputs.
+"""The throughput benchmark still runs: every mode, both ring layouts, both backends,
+all three outputs.
 
 A smoke run only (a fraction of a second per window, one size, one queue pair): it
 checks that the benchmark works, never how fast anything is.
@@ -25,7 +26,8 @@ def test_throughput_benchmark_reports_every_mode_for_both_backends(
 ) -> None:
     prefix = tmp_path / "smoke"
     args = ["--seconds", "0.5", "--rounds", "1", "--warmup", "0.5"]
-    args += ["--sizes", "64", "--queues", "1", "--output", str(prefix)]
+    args += ["--sizes", "64", "--queues", "1", "--rings", "split", "packed"]
+    args += ["--output", str(prefix)]
     done = subprocess.run(
         [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=540
     )
@@ -34,12 +36,14 @@ def test_throughput_benchmark_reports_every_mode_for_both_backends(
     rows = {
         line.split("|")[1].strip(): line
         for line in text.splitlines()
-        if line.startswith("| ") and " B 1q " in line
+        if line.startswith("| ") and " B 1q" in line
     }
-    assert set(rows) == {f"{mode} 64 B 1q" for mode in MODES}, text
+    expected = {f"{mode} 64 B 1q{ring}" for mode in MODES for ring in ("", " packed")}
+    assert set(rows) == expected, text
     data = json.loads(prefix.with_suffix(".json").read_text())
     for mode in MODES:
-        runs = [r for r in data["results"] if r["mode"] == mode]
-        assert {r["backend"] for r in runs} == {"standby", "dpdk-vhost"}, runs
-        assert all(r["mpps"] > 0 for r in runs), f"{mode}: no frames moved: {runs}"
+        for ring in ("split", "packed"):
+            runs = [r for r in data["results"] if r["mode"] == mode and r["ring"] == ring]
+            assert {r["backend"] for r in runs} == {"standby", "dpdk-vhost"}, runs
+            assert all(r["mpps"] > 0 for r in runs), f"{mode} {ring}: no frames moved: {runs}"
     assert prefix.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from testpmd import Testpmd, virtio_user_vdev, wait_for
+from testpmd import Testpmd, two_bursts_looped_back, virtio_user_vdev, wait_for
 
 
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -95,13 +95,7 @@ def test_serve_carries_traffic_and_stops_cleanly_on_sigterm(
     serve = start_serve("--socket", str(socket), "--port", "loop", "--mac", "52:54:00:AA:BB:CC")
     try:
         wait_for(socket.exists, 15, "the backend's socket")
-        vdev = virtio_user_vdev(str(socket))
-        with Testpmd(testpmd_binary, [vdev], ["--forward-mode=rxonly", "--nb-cores=1"]) as pmd:
-            pmd.cmd("start tx_first 2")
-            wait_for(lambda: pmd.port_stats(0)["RX-packets"] == 64, 15, "64 frames back")
-            pmd.cmd("stop")
-            stats = pmd.port_stats(0)
-            pmd.quit()
+        stats = two_bursts_looped_back(testpmd_binary, socket)
         assert stats["TX-packets"] == stats["RX-packets"] == 64
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -180,6 +174,23 @@ def test_log_level_is_taken_after_the_command_too() -> None:
     assert "argument --log-level" in bad.stderr
 
 
+def test_qemu_qmp_lines_are_debug_lines_of_ours_and_the_error_is_said_once() -> None:
+    missing = "/nonexistent/qmp.sock"
+    plain = run_cli("status", "--qmp", missing, "--timeout", "0.5")
+    assert plain.returncode == 1, plain
+    assert plain.stdout == ""
+    assert plain.stderr.splitlines() == [
+        f"error: vm: cannot connect to QMP at {missing}: [Errno 2] No such file or directory"
+        f" (is QEMU running with -qmp unix:{missing},server=on,wait=off, and no other client"
+        " on it?)"
+    ]
+    debug = run_cli("status", "--qmp", missing, "--timeout", "0.5", "--log-level", "debug")
+    library = [line for line in debug.stderr.splitlines() if " qemu.qmp" in line]
+    assert library, debug.stderr
+    assert all(" DEBUG   qemu.qmp" in line for line in library), library
+    assert debug.stderr.count("cannot connect to QMP") == 1
+
+
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
@@ -237,3 +248,99 @@ def test_metrics_endpoint_counts_what_testpmd_sent(testpmd_binary: str, sockdir:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
+
+
+SERVE_MANY = """
+[[backend]]
+name = "vm1"
+socket = "{dir}/vm1.sock"
+port = "loop"
+mac = "52:54:00:00:00:01"
+
+[[backend]]
+socket = "{dir}/vm2.sock"
+port = "null"
+mac = "52:54:00:00:00:02"
+queues = 2
+"""
+
+
+@pytest.mark.dpdk
+def test_one_serve_carries_the_standbys_a_file_lists(sockdir: Path, testpmd_binary: str) -> None:
+    config = sockdir / "standbys.toml"
+    config.write_text(SERVE_MANY.format(dir=sockdir))
+    vm1, vm2 = sockdir / "vm1.sock", sockdir / "vm2.sock"
+    serve = start_serve("--config", str(config))
+    try:
+        wait_for(lambda: vm1.exists() and vm2.exists(), 15, "both sockets")
+        # vm1 loops 64 frames back; vm2 (two queue pairs) drops what it is sent.
+        with Testpmd(
+            testpmd_binary, [virtio_user_vdev(str(vm1))], ["--forward-mode=rxonly"]
+        ) as pmd:
+            pmd.cmd("start tx_first 2")
+            wait_for(lambda: pmd.port_stats(0)["RX-packets"] == 64, 15, "64 frames back")
+            pmd.cmd("stop")
+            pmd.quit()
+        with Testpmd(
+            testpmd_binary,
+            [virtio_user_vdev(str(vm2), queues=2)],
+            ["--forward-mode=txonly", "--rxq=2", "--txq=2"],
+        ) as pmd:
+            pmd.cmd("start tx_first 3")
+            pmd.cmd("stop")
+            sent = pmd.port_stats(0)["TX-packets"]
+            pmd.quit()
+        assert serve.poll() is None, "serve keeps serving the others"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        out, err = serve.communicate(timeout=30)
+    assert serve.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(
+        f"QEMU arguments for vm1: -chardev socket,id=chr-standby0,path={vm1}"
+    )
+    assert lines[1].startswith(
+        f"QEMU arguments for {vm2}: -chardev socket,id=chr-standby0,path={vm2}"
+    )
+    assert "mq=on" in lines[1]
+    tables = out.split(f"vm1 ({vm1}):\n")[1].split(f"{vm2} ({vm2}):\n")
+    vm1_counters = {line.split()[0]: line.split()[1:] for line in tables[0].splitlines()[1:]}
+    vm2_counters = {line.split()[0]: line.split()[1:] for line in tables[1].splitlines()[1:]}
+    assert vm1_counters["tx0"][0] == vm1_counters["rx0"][0] == "64"
+    assert sent > 0
+    assert int(vm2_counters["tx0"][0]) + int(vm2_counters["tx1"][0]) == sent
+    assert vm2_counters["rx0"][0] == vm2_counters["rx1"][0] == "0"
+    assert "vm1: frontend connected (connection 1)" in err
+    assert f"{vm2}: frontend disconnected (connection 1)" in err
+    assert not vm1.exists() and not vm2.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (("vm2.sock", "vm1.sock"), "backend[1].socket: '"),
+        (('port = "null"', 'port = "tap:"'), "backend[1].port: "),
+        (("queues = 2", "queues = 0"), "backend[1].queues: "),
+        (('name = "vm1"', "name = 1"), "backend[0].name: expected a name"),
+        (("[[backend]]\nsocket", "[[backends]]\nsocket"), "backends: unknown table"),
+    ],
+)
+def test_a_bad_serve_file_exits_1_naming_the_backend_and_its_key(
+    sockdir: Path, edit: tuple[str, str], field: str
+) -> None:
+    config = sockdir / "standbys.toml"
+    config.write_text(SERVE_MANY.format(dir=sockdir).replace(*edit))
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"error: {config}: {field}"), result.stderr
+    assert not list(sockdir.glob("*.sock")), "nothing was served"
+
+
+def test_serve_takes_a_file_or_options_not_both(sockdir: Path) -> None:
+    config = sockdir / "standbys.toml"
+    config.write_text(SERVE_MANY.format(dir=sockdir))
+    result = run_cli("serve", "--config", str(config), "--port", "loop", "--queues", "2")
+    assert result.returncode == 2
+    assert "argument --config: the file describes every backend; leave out --port, --queues" in (
+        result.stderr
+    )

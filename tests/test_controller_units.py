@@ -4,8 +4,11 @@ injects the state a real QEMU reaches only in rare failures."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +16,21 @@ from typing import Any
 
 import pytest
 
+import failover_backend.errors
+from failover_backend import StandbyBackend
 from failover_backend.config import load_config
 from failover_backend.controller import PairStatus
 from failover_backend.errors import ConfigError, MonitorCommandError, MonitorUnavailable
 from failover_backend.lab.traffic import parse_ping
-from failover_backend.migration import MigrationReport
+from failover_backend.migrate_command import ProgressLines
+from failover_backend.migration import MigrationReport, ram_line
 from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
+from failover_backend.qemu_args import StandbyDevice
 from failover_backend.qmp import QmpEvent, QmpSession
-from failover_backend.standby import BackendLink
+from failover_backend.standby import BackendLink, unix_socket_listens
 from failover_backend.timeline import Timeline
+from failover_backend.waiting import Changes, within
 
 GOOD = """
 [backend]
@@ -103,7 +111,7 @@ def test_several_pairs_of_one_vm(tmp_path: Path) -> None:
         (('port = "tap:fb1"', 'port = "tap:fb0"'), "pair[1].backend.port", "already pair[0]"),
         (('"standby1"', '"standby0"'), "pair[1].standby", "already pair[0]"),
         (("[[pair]]", "[backend]\nsocket = 'x'\n[[pair]]"), "backend", "do not mix"),
-        (('mac = "52:54:00:12:34:57"', 'mac = "nope"'), "pair[1].backend.mac", "unicast"),
+        (('mac = "52:54:00:12:34:57"', 'mac = "nope"'), "pair[1].backend.mac", "six hex octets"),
         (('standby = "standby1"\n', ""), "pair[1].standby", "missing"),
     ],
 )
@@ -209,12 +217,6 @@ class FakeMonitor:
             return True
         raise MonitorCommandError("qom-get", {"path": path}, "DeviceNotFound", "not found")
 
-    async def visible_device_ids(self) -> set[str]:
-        return {"standby0", "primary0"} if self.on_bus else {"standby0"}
-
-    async def pci_devices(self) -> list[dict[str, Any]]:
-        return [{"qdev_id": "primary0", "class_info": {"class": 0x0200}}] if self.on_bus else []
-
     async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         self.commands.append((command, arguments))
         if command == "device_del":
@@ -229,6 +231,11 @@ class FakeMonitor:
             return {"guest-features": {"dev-features": ["VIRTIO_NET_F_STANDBY: standby"]}}
         elif command == "device-list-properties":
             return [{"name": "netdev"}]
+        elif command == "query-pci":
+            devices = [{"qdev_id": "standby0", "class_info": {"class": 0x0200}}]
+            if self.on_bus:
+                devices.append({"qdev_id": "primary0", "class_info": {"class": 0x0200}})
+            return [{"bus": 0, "devices": devices}]
         return {}
 
     async def wait_device_deleted(self, device_id: str, *, since: int, timeout: float) -> QmpEvent:
@@ -358,3 +365,207 @@ def test_migration_report_as_json_carries_the_timeline_relative_to_its_start() -
         {"t": 0.0, "source": "source", "what": "MIGRATION", "detail": "wait-unplug"},
         {"t": 0.25, "source": "source", "what": "UNPLUG_PRIMARY", "detail": "primary0"},
     ]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"queues": 2},
+        {"queues": 2, "legacy_interrupts": True},
+        {"mtu": 9000, "bus": "root2", "failover": False},
+        {"backend_is_client": True, "device_id": "standby1"},
+    ],
+)
+def test_the_command_line_and_the_hot_plug_describe_the_same_standby(
+    changes: dict[str, Any],
+) -> None:
+    """``serve`` prints the command line, ``attach_standby`` sends the QMP
+    arguments: both come from one description, option for option."""
+    fields: dict[str, Any] = {"socket_path": "/run/fb/vm1.sock", "mac": "52:54:00:12:34:56"}
+    standby = StandbyDevice(**fields, **changes)
+    line = standby.command_line()
+    assert line[0::2] == ["-chardev", "-netdev", "-device"]
+
+    def options(text: str) -> dict[str, str]:
+        first, *rest = text.split(",")
+        return {"type": first, **dict(item.split("=", 1) for item in rest)}
+
+    def rendered(args: dict[str, Any]) -> dict[str, str]:
+        return {
+            key: ("on" if v else "off") if isinstance(v, bool) else str(v)
+            for key, v in args.items()
+        }
+
+    device = standby.device_add()
+    assert options(line[5]) == rendered({"type": device.pop("driver"), **device})
+    assert options(line[3]) == rendered(standby.netdev_add())
+    chardev = standby.chardev_add()
+    assert options(line[1])["id"] == chardev["id"] == f"chr-{standby.device_id}"
+    server = chardev["backend"]["data"]["server"]
+    assert server == standby.backend_is_client
+    assert ("server" in options(line[1])) == server
+    assert standby.device_add().get("mq") == (True if standby.queues > 1 else None)
+    assert standby.device_add().get("host_mtu") == (9000 if "mtu" in changes else None)
+
+
+def test_the_live_ram_line_reads_query_migrate_and_rewrites_itself_on_a_terminal() -> None:
+    info = {
+        "status": "active",
+        "expected-downtime": 300,
+        "ram": {
+            "transferred": 512 * 2**20,
+            "remaining": 256 * 2**20,
+            "total": 1024 * 2**20,
+            "dirty-pages-rate": 2560,
+            "page-size": 4096,
+        },
+    }
+    assert ram_line(info) == (
+        "RAM 512 MiB sent, 256 of 1024 MiB left, guest dirtying 10.0 MiB/s,"
+        " expected downtime 300 ms"
+    )
+    assert ram_line({"status": "setup"}) is None
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    lines = ProgressLines(screen)
+    assert lines.live
+    lines.step("source: active")
+    lines.ram("RAM 10 MiB sent")
+    lines.ram("RAM 9 MiB")
+    lines.step("source: completed")
+    assert screen.getvalue() == (
+        "  source: active\n\r  RAM 10 MiB sent\r  RAM 9 MiB      \n  source: completed\n"
+    )
+    assert not ProgressLines(io.StringIO()).live, "no live line into a pipe or a file"
+
+
+def test_a_long_lived_session_keeps_only_the_latest_events_and_positions_still_count() -> None:
+    session = QmpSession("vm")
+    session.keep_events = 4
+    for number in range(20):
+        session._remember(QmpEvent(float(number), "MIGRATION", {"n": number}))
+    assert len(session.events) <= 8, "at most twice keep_events"
+    assert session.mark() == 20, "positions count every event ever received"
+    last = session.events[-1]
+    assert session.index_after(last) == 20
+    assert [e.data["n"] for e in session.events_named("MIGRATION", since=18)] == [18, 19]
+    # A position from before the forgotten ones starts at the oldest kept.
+    oldest = session.events[0].data["n"]
+    assert session.events_named("MIGRATION", since=0)[0].data["n"] == oldest
+    found = asyncio.run(session.wait_event("MIGRATION", since=0, timeout=0.1))
+    assert found.data["n"] == oldest
+    with pytest.raises(TimeoutError):
+        asyncio.run(session.wait_event("MIGRATION", since=session.mark(), timeout=0.05))
+
+
+def test_a_task_cancelled_as_its_bounded_wait_ends_is_still_cancelled() -> None:
+    """The shape of a hang ``run`` had at the end of a migration: its controller's
+    watcher was cancelled in the same loop turn as QEMU's answer arrived, ran on, and
+    ``run`` waited for it forever."""
+
+    async def scenario() -> None:
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(within(answer, 10))
+        await asyncio.sleep(0)
+        answer.set_result(1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        slow: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await within(slow, 0.01)
+        assert slow.cancelled(), "what timed out is cancelled"
+
+    asyncio.run(scenario())
+
+
+def test_a_change_wakes_every_waiter_and_a_cancelled_waiter_leaves_the_others() -> None:
+    async def scenario() -> None:
+        changes = Changes()
+        waiters = [asyncio.create_task(changes.wait(None)) for _ in range(3)]
+        await asyncio.sleep(0)
+        waiters[0].cancel()
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters[1:]), "the others still wait"
+        changes.notify()
+        await asyncio.wait_for(asyncio.gather(*waiters[1:]), 1)
+        assert waiters[0].cancelled()
+        started = asyncio.get_running_loop().time()
+        await changes.wait(0.05)  # no change: returns after the timeout, no error
+        assert asyncio.get_running_loop().time() - started >= 0.04
+
+    asyncio.run(scenario())
+    # A second event loop (asyncio.run again) waits on a future of its own.
+    asyncio.run(asyncio.wait_for(Changes().wait(0.01), 1))
+
+
+def test_the_command_line_starts_without_the_lab_and_errors_import_nothing_of_ours() -> None:
+    """Module boundaries that keep start-up light and imports acyclic."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, failover_backend.cli; "
+            "print(' '.join(m for m in sys.modules if m.startswith('failover_backend')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "failover_backend.cli" in loaded
+    assert not [m for m in loaded if m.startswith("failover_backend.lab")], loaded
+    errors = Path(failover_backend.errors.__file__).read_text()
+    imports = [
+        node
+        for node in ast.walk(ast.parse(errors))
+        if isinstance(node, ast.ImportFrom)
+        and (node.level > 0 or "failover_backend" in (node.module or ""))
+    ]
+    assert imports == [], "errors.py imports nothing from the package"
+
+
+def test_a_listening_backend_is_found_without_connecting_to_it(tmp_path: Path) -> None:
+    """The backend binds under a temporary name and renames the socket into place; the
+    kernel lists it by the first name, which the check knows."""
+    path = tmp_path / "standby.sock"
+    backend = StandbyBackend(path)
+    backend.start()
+    try:
+        assert unix_socket_listens(path)
+        assert not unix_socket_listens(tmp_path / "other.sock")
+        assert backend.features.connections == 0, "no probe connection was made"
+    finally:
+        backend.stop()
+    assert not unix_socket_listens(path)
+    leftover = socket.socket(socket.AF_UNIX)
+    leftover.bind(str(path))
+    leftover.close()
+    assert not unix_socket_listens(path), "a socket file nobody listens on"
+
+
+def test_a_libvirt_run_file_names_the_domain_and_the_standby_alias(tmp_path: Path) -> None:
+    good = tmp_path / "vm1.toml"
+    good.write_text(
+        '[libvirt]\nuri = "qemu:///system"\ndomain = "vm1"\nstandby = "ua-standby0"\n\n'
+        '[backend]\nsocket = "/run/fb/vm1.sock"\nport = "tap:vm1sb"\nmac = "52:54:00:12:34:56"\n'
+    )
+    config = load_config(good)
+    assert config.qemu is None
+    assert config.libvirt is not None and config.libvirt.domain == "vm1"
+    assert [p.standby for p in config.pairs] == ["ua-standby0"]
+    for text, field in (
+        (good.read_text().replace('standby = "ua-standby0"\n', ""), "libvirt.standby"),
+        (good.read_text() + '\n[qemu]\nqmp = "/run/q.sock"\n', "libvirt"),
+        (good.read_text() + '\n[primary]\nid = "p0"\nbus = "root1"\n', "primary"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as raised:
+            load_config(bad)
+        assert raised.value.field == field, raised.value

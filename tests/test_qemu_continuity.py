@@ -17,9 +17,10 @@ import pytest
 
 from conftest import run
 from continuity import analyse, assert_bounded
-from failover_backend.errors import MigrationError
 from failover_backend.lab.scenario import Lab
 from failover_backend.lab.traffic import HostPinger
+from failover_backend.migration import MigrationError
+from failover_backend.vm_devices import visible_device_ids
 from guest import netdevs, wait_primary_enslaved
 from lab_migration import migrate
 from runproc import start_run
@@ -81,7 +82,7 @@ def test_two_guests_migrated_at_once_stay_reachable() -> None:
             await asyncio.sleep(2)
             lab.backend_events_to_timeline()
             print(lab.timeline.table())
-            for guest, ((source, target), pinger) in enumerate(zip(guests, pingers)):
+            for guest, ((source, target), pinger) in enumerate(zip(guests, pingers, strict=True)):
                 trace = await pinger.stop()
                 result = analyse(
                     trace,
@@ -154,7 +155,7 @@ def test_a_guest_with_two_pairs_keeps_both_through_a_migration() -> None:
                 ]
                 assert sorted(negotiated) == ["standby0", "standby1"]
                 assert report.primary_plugged_before_resume
-                assert {"primary0", "primary1"} <= await target.qmp.visible_device_ids()
+                assert {"primary0", "primary1"} <= await visible_device_ids(target.qmp)
                 for index in range(2):
                     await runs["target"].wait_for(
                         f"standby{index}: steering to the primary", timeout=30

@@ -7,19 +7,32 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import run
-from failover_backend.errors import MigrationError
 from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
-from failover_backend.migration import Migration, MigrationOptions
+from failover_backend.migration import Migration, MigrationError, MigrationOptions
 from failover_backend.pairing import PrimaryConfig
 from failover_backend.primary import Primary
+from failover_backend.vm_devices import visible_device_ids
 from guest import wait_primary_enslaved, wait_primary_gone
 from runproc import RunProcess, cli, start_cli, start_run
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_lab")]
+
+
+async def scrape(url: str) -> dict[tuple[str, str], float]:
+    """Every sample at ``url``, by name and the value of its one label ("" if none)."""
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+    samples = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            label = next(iter(sample.labels.values()), "")
+            samples[(sample.name, label)] = sample.value
+    return samples
 
 
 def migrate_args(lab: Lab, source: LabVM, target: LabVM, *extra: str) -> list[str]:
@@ -54,7 +67,7 @@ async def vm_for(lab: Lab, name: str, process: RunProcess, **machine: object) ->
 def test_run_cancels_a_migration_whose_tool_died_in_wait_unplug_and_ends_with_qemu() -> None:
     async def scenario() -> None:
         async with Lab() as lab:
-            src_run = await start_run(lab, "source", wait_unplug=3)
+            src_run = await start_run(lab, "source", wait_unplug=3, metrics=True)
             try:
                 # A guest that never releases its primary (it ignores hotplug requests,
                 # and misses hot-added devices: it is shown its primary by hand).
@@ -89,8 +102,23 @@ def test_run_cancels_a_migration_whose_tool_died_in_wait_unplug_and_ends_with_qe
                 assert time.monotonic() - started < 45
                 assert (await source.qmp.execute("query-migrate"))["status"] == "cancelled"
                 assert await source.qmp.run_state() == "running"
-                assert "primary0" in await source.qmp.visible_device_ids()
+                assert "primary0" in await visible_device_ids(source.qmp)
                 await wait_primary_enslaved(source.console, timeout=30)
+
+                # And its metrics say so.
+                scraped = await scrape(await src_run.metrics_url())
+                assert scraped[("failover_backend_standby_negotiated", "standby0")] == 1
+                assert scraped[("failover_backend_primary_present", "standby0")] == 1
+                assert scraped[("failover_backend_migrations_total", "cancelled")] == 1
+                assert scraped[("failover_backend_migrations_total", "completed")] == 0
+                assert scraped[("failover_backend_wait_unplug_cancels_total", "")] == 1
+                held = scraped[("failover_backend_last_migration_wait_unplug_seconds", "")]
+                assert 3 <= held < 10, held
+                assert ("failover_backend_last_migration_downtime_seconds", "") not in scraped
+                # Steering announced the guest's MAC when its primary came and went.
+                assert scraped[("failover_backend_announcements_total", "standby0")] >= 1
+                modes = [key for key in scraped if key[0] == "failover_backend_steering_mode"]
+                assert len(modes) == 1, modes
 
                 # QEMU quits: `run` ends with it, cleanly.
                 await source.qmp.execute("quit")

@@ -10,6 +10,11 @@ master), and that traffic flows.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +22,12 @@ from conftest import run
 from failover_backend.controller import FailoverController
 from failover_backend.errors import MonitorCommandError, NegotiationTimeout, PairingError
 from failover_backend.lab.scenario import GUEST_MAC, Lab, LabVM
-from failover_backend.negotiation import guest_features, wait_negotiated
-from failover_backend.pairing import PrimaryConfig, check_pairing, failover_pairs
+from failover_backend.lab.traffic import echo_request
+from failover_backend.pairing import PrimaryConfig, check_pairing
 from failover_backend.primary import Primary
 from failover_backend.standby import attach_standby, detach_standby
+from failover_backend.standby_negotiation import guest_features, wait_negotiated
+from failover_backend.vm_devices import failover_pairs, visible_device_ids
 from guest import masters, netdevs, slaves_by_driver, wait_primary_enslaved, wait_primary_gone
 from lab_migration import migrate
 
@@ -77,6 +84,89 @@ def test_standby_alone_negotiates_and_carries_traffic() -> None:
             # QEMU found no primary to plug; the controller says so, and so does QEMU.
             await controller.wait_warning("has no primary", timeout=5)
             assert any("Primary device not found" in w for w in vm.vm.warnings())
+
+    run(scenario())
+
+
+#: Linux's <netinet/in.h> (Python names them only from 3.12 on).
+IP_MTU_DISCOVER, IP_PMTUDISC_DO = 10, 2
+
+
+def host_pings(target: str, count: int, size: int) -> int:
+    """ICMP echo requests of ``size`` payload bytes from the host, never fragmented
+    (``IP_PMTUDISC_DO``: too big for the path is an error, not two fragments);
+    returns how many got their reply within 2 s each."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    sock.settimeout(2)
+    ident = os.getpid() & 0xFFFF
+    answered = 0
+    with sock:
+        for seq in range(count):
+            sock.sendto(echo_request(ident, seq, bytes(size)), (target, 0))
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                try:
+                    packet = sock.recv(65536)
+                except TimeoutError:
+                    break
+                header = (packet[0] & 0x0F) * 4
+                kind, _, _, their_ident, their_seq = struct.unpack(
+                    "!BBHHH", packet[header : header + 8]
+                )
+                if kind == 0 and (their_ident, their_seq) == (ident, seq):
+                    assert len(packet) - header - 8 == size, "the whole payload came back"
+                    answered += 1
+                    break
+    return answered
+
+
+@pytest.mark.parametrize("mrg_rxbuf", ["on", "off"])
+def test_the_guest_takes_the_standbys_mtu_and_9000_byte_frames_pass_both_ways(
+    mrg_rxbuf: str,
+) -> None:
+    """``mtu=9000`` on the backend: QEMU gets ``host_mtu=9000``, the guest's virtio-net
+    takes it (VIRTIO_NET_F_MTU) as its largest MTU, which net_failover passes on to the
+    master (a slave's MTU follows its master's: the guest's network setup raises the
+    master's, as here), the TAP has it, and 9000-byte IP packets cross the standby both
+    ways, whole (not fragmented). Without MRG_RXBUF the guest posts big receive buffers
+    of many descriptors instead of merging small ones."""
+
+    async def scenario() -> None:
+        async with Lab() as lab:
+            vm = await lab.vm(
+                "vm",
+                primary=False,
+                standby_mtu=9000,
+                extra_args=["-global", f"virtio-net-pci.mrg_rxbuf={mrg_rxbuf}"],
+            )
+            (controller,) = vm.controllers
+            master = await vm.boot()
+            await controller.wait_negotiated(timeout=30)
+            assert vm.backend is not None and vm.backend.mtu == 9000
+            assert ("MRG_RXBUF" in vm.backend.features.acked_names) == (mrg_rxbuf == "on")
+            assert "VIRTIO_NET_F_MTU" in await guest_features(vm.qmp, "standby0")
+            standby = slaves_by_driver(await netdevs(vm.console))["virtio_net"].name
+            too_big = await vm.console.run(f"ip link set dev {master} mtu 9001")
+            assert too_big.exit_code != 0, "9000 is the most the standby takes"
+            await vm.console.check(f"ip link set dev {master} mtu 9000")
+            mtus = await vm.console.check(
+                f"cat /sys/class/net/{standby}/mtu /sys/class/net/{master}/mtu"
+            )
+            assert mtus.split()[:2] == ["9000", "9000"], mtus
+            before = vm.backend.stats()
+            # 8972 bytes of ICMP payload: a 9000-byte IP packet, a 9014-byte frame.
+            out = await vm.console.check(f"ping -c 3 -s 8972 -W 2 {lab.host_address}")
+            assert "3 packets received" in out, out
+            # The host's side: the bridge takes its ports' MTU (the TAP's, 9000).
+            bridge_mtu = Path(f"/sys/class/net/{lab.network.bridge}/mtu").read_text()
+            assert bridge_mtu.strip() == "9000"
+            answered = await asyncio.to_thread(host_pings, lab.guest_address.split("/")[0], 3, 8972)
+            assert answered == 3
+            after = vm.backend.stats()
+            # At least the six requests and six replies, each one frame of 9014 bytes.
+            assert after.tx_bytes - before.tx_bytes >= 6 * 9014, (before, after)
+            assert after.rx_bytes - before.rx_bytes >= 6 * 9014, (before, after)
 
     run(scenario())
 
@@ -165,7 +255,7 @@ def test_standby_hotplugged_into_a_running_vm_then_the_primary() -> None:
 
             # And out again: the device, its netdev and chardev; the backend is free.
             await detach_standby(vm.qmp, "standby0")
-            assert "standby0" not in await vm.qmp.visible_device_ids()
+            assert "standby0" not in await visible_device_ids(vm.qmp)
             assert await backend.wait_state(["listening"], 10) == "listening"
             await controller.stop()
 
@@ -193,7 +283,7 @@ def test_failover_off_shows_both_devices_unpaired() -> None:
             # Without failover=on nothing hides the primary.
             assert await Primary(vm.qmp, primary_config()).exists()
             assert await vm.boot() == "", "no failover master in the guest"
-            assert "primary0" in await vm.qmp.visible_device_ids()
+            assert "primary0" in await visible_device_ids(vm.qmp)
             devs = await netdevs(vm.console)
             drivers = {d.driver for d in devs.values()}
             assert {"virtio_net", "e1000e"} <= drivers, devs
@@ -215,7 +305,7 @@ def test_pairing_errors_are_reported_by_rule_before_qemu_sees_them() -> None:
             with pytest.raises(PairingError) as raised:
                 await Primary(vm.qmp, bad).plug()
             assert len(raised.value.violations) == 3
-            assert "primary0" not in await vm.qmp.visible_device_ids()
+            assert "primary0" not in await visible_device_ids(vm.qmp)
 
             # The same mistakes, straight to QEMU, are refused there too.
             pcie0 = primary_config(bus="pcie.0").device_add_args()
@@ -254,7 +344,7 @@ def test_migration_with_failover_off_unplugs_nothing() -> None:
             assert migration_states(source) == ["setup", "active", "completed"]
             assert report.pairs == {}, "no failover pair to take care of"
             # The e1000e is an ordinary NIC here: it migrates with the VM.
-            assert "primary0" in await target.qmp.visible_device_ids()
+            assert "primary0" in await visible_device_ids(target.qmp)
             drivers = {d.driver for d in (await netdevs(target.console)).values()}
             assert {"virtio_net", "e1000e"} <= drivers
 
@@ -276,7 +366,7 @@ def test_migration_of_a_guest_without_standby_leaves_the_primary_hidden() -> Non
             assert migration_states(source) == ["setup", "active", "completed"]
             assert target.qmp.events_named("FAILOVER_NEGOTIATED", mark) == []
             assert not await Primary(target.qmp, primary_config()).exists()
-            assert "primary0" not in await target.qmp.visible_device_ids()
+            assert "primary0" not in await visible_device_ids(target.qmp)
 
     run(scenario())
 
@@ -290,7 +380,7 @@ def test_a_primary_added_before_its_standby_pairs_when_the_standby_comes() -> No
             spec = lab.primary()
             await vm.qmp.execute("netdev_add", spec.netdev_args())
             await vm.qmp.execute("device_add", primary_config().device_add_args())
-            assert "primary0" in await vm.qmp.visible_device_ids()
+            assert "primary0" in await visible_device_ids(vm.qmp)
             for _ in range(50):
                 if any(d.driver == "e1000e" for d in (await netdevs(vm.console)).values()):
                     break
@@ -327,7 +417,7 @@ def test_a_primary_naming_a_missing_standby_is_not_hidden_nor_paired_by_qemu() -
             assert await Primary(vm.qmp, primary_config(pair_id="nosuchstandby")).exists()
             (controller,) = vm.controllers
             await vm.boot()
-            assert "primary0" in await vm.qmp.visible_device_ids()
+            assert "primary0" in await visible_device_ids(vm.qmp)
             # QEMU does not take it for the standby's primary (it would not unplug it
             # for a migration); the controller says the standby has none.
             assert await failover_pairs(vm.qmp) == {"standby0": None}

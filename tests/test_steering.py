@@ -103,7 +103,7 @@ def run_guest(
         virtio_user_vdev(backend.socket_path),
     ]
     with raw_socket(tap) as host, Testpmd(testpmd, vdevs, ["--no-flush-rx"]) as pmd:
-        asyncio.run(backend.wait_negotiated(15))
+        asyncio.run(backend.wait_features_acked(15))
         pmd.cmd("set fwd io retry")
         pmd.cmd("start")
         for frame in host_sends:

@@ -67,7 +67,7 @@ def test_frames_cross_the_tap_both_ways_unchanged(
         ]
         app = ["--no-flush-rx", "--nb-cores=1"]
         with raw_socket(tap) as host, Testpmd(testpmd_binary, vdevs, app) as pmd:
-            asyncio.run(backend.wait_negotiated(15))
+            asyncio.run(backend.wait_features_acked(15))
             pmd.cmd("set fwd io retry")
             pmd.cmd("set burst tx delay 100 retry 10000")
             pmd.cmd("start")

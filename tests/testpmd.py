@@ -19,6 +19,17 @@ from types import TracebackType
 
 PROMPT = "testpmd> "
 
+# What testpmd's interrupt thread prints on its own (link changes, vhost-user reconnects),
+# each in one write. The prompt is written a character at a time, so a notice can land
+# inside it ("t" + notice + "estpmd> "); prompts are counted with the notices cut out.
+ASYNC_NOTICE = re.compile(
+    r"(?:virtio_user|vhost_user)_[a-z_]+\(\): [^\n]*\n|\nPort \d+: [a-z ]+ event\n"
+)
+
+
+def prompt_count(text: str) -> int:
+    return ASYNC_NOTICE.sub("", text).count(PROMPT)
+
 
 class TestpmdError(RuntimeError):
     pass
@@ -109,7 +120,7 @@ class Testpmd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.output
-            if text.count(PROMPT) >= count:
+            if prompt_count(text) >= count:
                 return text
             if self._proc is not None and self._proc.poll() is not None:
                 break
@@ -127,7 +138,7 @@ class Testpmd:
         """Run one command; returns what testpmd printed for it."""
         assert self._proc is not None and self._proc.stdin is not None
         before = self.output
-        prompts = before.count(PROMPT)
+        prompts = prompt_count(before)
         self._proc.stdin.write(line.encode() + b"\n")
         self._proc.stdin.flush()
         text = self._wait_prompts(prompts + 1, timeout)
@@ -219,3 +230,17 @@ def wait_for(condition: object, timeout: float, what: str, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
         time.sleep(interval)
+
+
+def two_bursts_looped_back(binary: str, socket: Path) -> dict[str, int]:
+    """Send two bursts of 32 frames to a ``loop`` backend on ``socket`` and wait until all
+    64 came back; returns the port's counters after stopping."""
+    with Testpmd(
+        binary, [virtio_user_vdev(str(socket))], ["--forward-mode=rxonly", "--nb-cores=1"]
+    ) as pmd:
+        pmd.cmd("start tx_first 2")
+        wait_for(lambda: pmd.port_stats(0)["RX-packets"] == 64, 15, "64 frames back")
+        pmd.cmd("stop")
+        stats = pmd.port_stats(0)
+        pmd.quit()
+    return stats
