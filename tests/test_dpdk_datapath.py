@@ -247,13 +247,23 @@ def test_gen_port_sends_exactly_count_numbered_frames_to_the_guest(
     mrg_rxbuf: int,
     packed_vq: int,
 ) -> None:
-    count, size = 500, 1518
+    """The device hands the guest frames 0..count-1, in order, byte for byte.
+
+    The guest may not see the first few: DPDK's virtio PMD fills its receive ring and
+    then, still starting the port, discards whatever the device already put in it
+    (``virtio_dev_start``: ``virtqueue_rxvq_flush``). The gen port starts on connection,
+    so on a loaded machine up to a ring of frames lands in that window (seen: 156 and
+    256 of 500). What reaches testpmd must then be exactly the frames after them.
+    """
+    count, size, ring = 500, 1518, 256
     empty_pcap, received_pcap = sockdir / "empty.pcap", sockdir / "received.pcap"
     write_pcap(empty_pcap, [])
     backend = make_backend(port=f"gen:{size},count={count}")
     vdevs = [
         f"net_pcap0,rx_pcap={empty_pcap},tx_pcap={received_pcap}",
-        virtio_user_vdev(backend.socket_path, mrg_rxbuf=mrg_rxbuf, packed_vq=packed_vq),
+        virtio_user_vdev(
+            backend.socket_path, queue_size=ring, mrg_rxbuf=mrg_rxbuf, packed_vq=packed_vq
+        ),
     ]
     # io forwarding: what the guest (virtio-user) receives goes into the pcap file.
     with Testpmd(testpmd_binary, vdevs, ["--no-flush-rx", "--nb-cores=1"]) as pmd:
@@ -262,18 +272,29 @@ def test_gen_port_sends_exactly_count_numbered_frames_to_the_guest(
         pmd.cmd("set fwd io retry")
         pmd.cmd("start")
         wait_for(
-            lambda: pmd.port_stats(0)["TX-packets"] == count,
+            lambda: backend.stats().rx_packets == count,
             30,
-            f"{count} generated frames through the guest into the pcap port",
+            f"the device handing {count} generated frames to the guest",
         )
+
+        def guest_done() -> bool:
+            # Forwarded all it received, and received nothing more for half a second.
+            forwarded, received = pmd.port_stats(0)["TX-packets"], pmd.port_stats(1)["RX-packets"]
+            time.sleep(0.5)
+            return forwarded == received == pmd.port_stats(1)["RX-packets"] > 0
+
+        wait_for(guest_done, 30, "the guest forwarding all it received to the pcap port")
         time.sleep(1)  # nothing beyond the count
         pmd.cmd("stop")
         guest = pmd.port_stats(1)
         pmd.quit()  # closes the pcap port, which flushes its file
 
-    assert (guest["RX-packets"], guest["RX-bytes"]) == (count, count * size)
+    received = read_pcap(received_pcap)
+    discarded_at_start = count - len(received)
+    assert 0 <= discarded_at_start <= ring, len(received)
     expected = [generated_frame(n, size, backend.mac) for n in range(count)]
-    assert read_pcap(received_pcap) == expected
+    assert received == expected[discarded_at_start:]
+    assert (guest["RX-packets"], guest["RX-bytes"]) == (len(received), len(received) * size)
     stats = backend.stats()
     assert (stats.rx_packets, stats.rx_bytes) == (count, count * size)
     assert (stats.tx_packets, stats.drops, stats.errors) == (0, 0, 0)
