@@ -147,6 +147,8 @@ pub struct MappedMemory {
     regions: Vec<MappedRegion>,
     /// The region of the last lookup: a guest's buffers mostly come from one.
     hint: Cell<usize>,
+    /// The CPU has PREFETCHW: asked once here, not on every prefetch of the datapath.
+    prefetchw: bool,
 }
 
 // SAFETY: the raw pointers point into mappings owned by `mem` (shared, reference
@@ -174,6 +176,7 @@ impl MappedMemory {
             generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             regions,
             hint: Cell::new(0),
+            prefetchw: has_prefetchw(),
         }
     }
 
@@ -267,12 +270,13 @@ impl MappedMemory {
         let region = &self.regions[index];
         let offset = addr - region.guest_start;
         let at = region.host.wrapping_add(offset as usize).cast_const();
-        prefetch(at, write);
+        let prefetchw = write && self.prefetchw;
+        prefetch(at, prefetchw);
         // A small frame after its virtio-net header spans two lines: the second is
         // asked for too when the buffer reaches it within the region.
         let second = CACHE_LINE - (at as u64 % CACHE_LINE);
         if u64::from(len) > second && offset + second < region.len {
-            prefetch(at.wrapping_add(second as usize), write);
+            prefetch(at.wrapping_add(second as usize), prefetchw);
         }
     }
 
@@ -533,13 +537,15 @@ pub enum TranslateError {
 /// with `write` (and a CPU that has PREFETCHW) for ownership, so that the store
 /// that follows does not wait for the line to be taken from the driver's cache.
 #[inline(always)]
-fn prefetch(at: *const u8, write: bool) {
+/// Hint the CPU to fetch the cache line at `at`; for writing (PREFETCHW) when
+/// `prefetchw`, which only a CPU with the instruction may ask for ([`has_prefetchw`]).
+fn prefetch(at: *const u8, prefetchw: bool) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        if write && *HAS_PREFETCHW {
+        if prefetchw {
             // SAFETY: a prefetch is only a hint: it never faults and changes no
-            // memory, whatever the address; the CPU has the instruction (CPUID).
+            // memory, whatever the address; the caller checked the CPU has it.
             unsafe {
                 std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly));
             }
@@ -550,22 +556,26 @@ fn prefetch(at: *const u8, write: bool) {
         unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, write);
+    let _ = (at, prefetchw);
 }
 
 /// CPUID.80000001H:ECX bit 8: the CPU has PREFETCHW (AMD since K6-2, Intel since
 /// Broadwell). Rust's feature detection does not name it.
-#[cfg(target_arch = "x86_64")]
-static HAS_PREFETCHW: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-    use std::arch::x86_64::__cpuid;
-    // SAFETY: CPUID exists on every x86_64 CPU; leaf 0x80000001 is read only when
-    // the highest extended leaf says it exists. (Safe to call since Rust 1.87; this
-    // crate builds with 1.85.)
-    #[allow(unused_unsafe)]
-    unsafe {
-        __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+fn has_prefetchw() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid;
+        // SAFETY: CPUID exists on every x86_64 CPU; leaf 0x80000001 is read only when
+        // the highest extended leaf says it exists. (Safe to call since Rust 1.87; this
+        // crate builds with 1.85.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+        }
     }
-});
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Read one descriptor at `at`.
 ///
