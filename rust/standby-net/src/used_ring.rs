@@ -256,10 +256,9 @@ mod tests {
     const AVAIL: u64 = 0x1000;
     const USED: u64 = 0x2000;
 
-    fn setup(
-        event_idx: bool,
-        next_used: u16,
-    ) -> (GuestMemory, MappedMemory, RingPlacement, Queue, UsedRing) {
+    /// Guest memory with one ring of `SIZE` placed in it (packed or split), and its
+    /// queue with EVENT_IDX as `event_idx`.
+    fn place(packed: bool, event_idx: bool) -> (GuestMemory, MappedMemory, RingPlacement, Queue) {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mapped = MappedMemory::new(Arc::new(mem.clone()));
         let placement = mapped
@@ -268,12 +267,20 @@ mod tests {
                 avail_ring: AVAIL,
                 used_ring: USED,
                 size: SIZE,
-                packed: false,
+                packed,
             })
             .unwrap();
         let mut queue = Queue::new(SIZE).unwrap();
         queue.set_size(SIZE);
         queue.set_event_idx(event_idx);
+        (mem, mapped, placement, queue)
+    }
+
+    fn setup(
+        event_idx: bool,
+        next_used: u16,
+    ) -> (GuestMemory, MappedMemory, RingPlacement, Queue, UsedRing) {
+        let (mem, mapped, placement, mut queue) = place(false, event_idx);
         queue.set_next_used(next_used);
         let used = UsedRing::new(SIZE as usize);
         (mem, mapped, placement, queue, used)
@@ -340,20 +347,7 @@ mod tests {
         event_idx: bool,
         state: u16,
     ) -> (GuestMemory, MappedMemory, RingPlacement, Queue) {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let mapped = MappedMemory::new(Arc::new(mem.clone()));
-        let placement = mapped
-            .place_ring(&RingLayout {
-                desc_table: DESC,
-                avail_ring: AVAIL,
-                used_ring: USED,
-                size: SIZE,
-                packed: true,
-            })
-            .unwrap();
-        let mut queue = Queue::new(SIZE).unwrap();
-        queue.set_size(SIZE);
-        queue.set_event_idx(event_idx);
+        let (mem, mapped, placement, mut queue) = place(true, event_idx);
         queue.set_next_avail(state);
         (mem, mapped, placement, queue)
     }
