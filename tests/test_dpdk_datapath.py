@@ -102,6 +102,21 @@ def test_null_and_sink_ports_count_every_frame_the_guest_sends(
     assert (stats.rx_packets, stats.drops, stats.errors) == (0, 0, 0)
 
 
+def loop_pcap_through_guest(pmd: Testpmd, count: int) -> None:
+    """io forwarding between the pcap port (0) and virtio-user (1) until all ``count``
+    frames came back into the pcap port; "retry" makes testpmd wait for ring space
+    instead of dropping, so every frame makes the round trip."""
+    pmd.cmd("set fwd io retry")
+    pmd.cmd("set burst tx delay 100 retry 10000")
+    pmd.cmd("start")
+    wait_for(
+        lambda: pmd.port_stats(0)["TX-packets"] == count,
+        30,
+        f"{count} frames back through the guest into the pcap port",
+    )
+    pmd.cmd("stop")
+
+
 @pytest.mark.parametrize(
     ("queue_size", "mrg_rxbuf", "in_order", "poll_us", "packed_vq"),
     [
@@ -143,23 +158,13 @@ def test_loop_port_returns_every_frame_unchanged(
             packed_vq=packed_vq,
         ),
     ]
-    # io forwarding between the pcap port and virtio-user; "retry" makes testpmd wait
-    # for ring space instead of dropping, so every frame makes the round trip.
     app = ["--no-flush-rx", f"--rxd={queue_size}", f"--txd={queue_size}", "--nb-cores=1"]
     with Testpmd(testpmd_binary, vdevs, app) as pmd:
         acked = wait_negotiated(backend)
         assert bool(acked & _native.F_MRG_RXBUF) == bool(mrg_rxbuf)
         assert ("IN_ORDER" in _native.feature_names(acked)) == bool(in_order)
         assert ("RING_PACKED" in _native.feature_names(acked)) == bool(packed_vq)
-        pmd.cmd("set fwd io retry")
-        pmd.cmd("set burst tx delay 100 retry 10000")
-        pmd.cmd("start")
-        wait_for(
-            lambda: pmd.port_stats(0)["TX-packets"] == len(frames),
-            30,
-            f"{len(frames)} frames back through the guest into the pcap port",
-        )
-        pmd.cmd("stop")
+        loop_pcap_through_guest(pmd, len(frames))
         virtio = pmd.port_stats(1)
         pmd.quit()  # closes the pcap port, which flushes its file
 
@@ -192,15 +197,7 @@ def test_frames_up_to_a_9000_mtu_loop_back_whole(
     with Testpmd(testpmd_binary, vdevs, app) as pmd:
         acked = wait_negotiated(backend)
         assert bool(acked & _native.F_MRG_RXBUF) == bool(mrg_rxbuf)
-        pmd.cmd("set fwd io retry")
-        pmd.cmd("set burst tx delay 100 retry 10000")
-        pmd.cmd("start")
-        wait_for(
-            lambda: pmd.port_stats(0)["TX-packets"] == len(frames),
-            30,
-            f"{len(frames)} frames back through the guest into the pcap port",
-        )
-        pmd.cmd("stop")
+        loop_pcap_through_guest(pmd, len(frames))
         pmd.quit()
 
     assert read_pcap(returned_pcap) == frames
