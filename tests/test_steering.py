@@ -144,12 +144,14 @@ def test_while_the_primary_carries_traffic_the_standby_chatter_stays_home(
             host_sends=[looped] * 3 + others + [arp_reply_to(probe)],
         )
 
-    from_guest = [f for f in seen if f[6:12] == GUEST]
-    assert from_guest == [traffic(i) for i in range(10)], "only the guest's own traffic"
-    assert received == others, "no frame of the guest's own, no answer to a probe"
     status = backend.steering()
     assert status is not None
-    assert status.held_back == 25 and status.looped == 3 and status.answers == 1, status
+    # What the device went through, for a failure's message (a reconnection, say).
+    story = f"{status}; " + "; ".join(f"{e.kind}: {e.message}" for e in backend.events())
+    from_guest = [f for f in seen if f[6:12] == GUEST]
+    assert from_guest == [traffic(i) for i in range(10)], f"only the guest's own traffic; {story}"
+    assert received == others, f"no frame of the guest's own, no answer to a probe; {story}"
+    assert status.held_back == 25 and status.looped == 3 and status.answers == 1, story
     # The guest's traffic through the standby (its primary lost carrier) made steering
     # probe the switch; probes leave from the probe's own MAC.
     probes = [f for f in seen if f[6:12] == probe]

@@ -64,10 +64,22 @@ class Window:
         """The longest guest-inherent window this loss overlaps (0 if none)."""
         return max((c.seconds for c in self.causes if c.name == LINK_DOWN), default=0.0)
 
+    @property
+    def beyond_the_host(self) -> float:
+        """The longest time this loss overlaps in which no host-side steering could
+        have helped: the guest's own window, or the VM paused for the switch-over
+        (QEMU's downtime, which two TCG guests migrating at once on a busy machine
+        stretch past 0.3 s). 0 if none."""
+        return max(
+            (c.seconds for c in self.causes if c.name in (LINK_DOWN, SWITCH_OVER)),
+            default=0.0,
+        )
+
     def describe(self, origin: float) -> str:
+        causes = " + ".join(f"{c.name} ({c.seconds:.2f} s)" for c in self.causes)
         return (
             f"{self.gap.seconds:5.2f} s lost ({self.gap.lost} requests) from "
-            f"t={self.gap.start - origin:.2f} s: {self.cause}"
+            f"t={self.gap.start - origin:.2f} s: {causes or UNEXPLAINED}"
         )
 
 
