@@ -70,20 +70,23 @@ impl Port for SteeringPort {
     }
 
     fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
-        if self.steering.active() && !self.rx_judged {
-            // Probes' answers are steering's own: never delivered to the guest.
-            loop {
-                match self.host_verdict()? {
-                    Some(Verdict::Consume) => self.inner.consume_rx(),
-                    Some(_) => {
-                        self.rx_judged = true;
-                        break;
-                    }
-                    None => break,
+        if !self.steering.active() || self.rx_judged {
+            return self.inner.peek_rx();
+        }
+        // Probes' answers are steering's own: never delivered to the guest.
+        loop {
+            match self.host_verdict()? {
+                Some(Verdict::Consume) => self.inner.consume_rx(),
+                Some(_) => {
+                    self.rx_judged = true;
+                    // The frame just judged, held by the inner port (no new read).
+                    return self.inner.peek_rx();
                 }
+                // Found empty: say so, rather than peek again and hand on, unjudged,
+                // a frame that arrived in between.
+                None => return Ok(None),
             }
         }
-        self.inner.peek_rx()
     }
 
     fn consume_rx(&mut self) {
@@ -105,5 +108,82 @@ impl Port for SteeringPort {
         self.rx_judged = false;
         self.inner.reset();
         self.vnet_hdr_len = VNET_HDR_LEN_V1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MacAddr;
+    use crate::port::open_tap_queues;
+    use crate::status::DeviceStatus;
+    use crate::steering::{HostSide, Mode};
+
+    const GUEST: MacAddr = MacAddr([0x52, 0x54, 0x00, 0xfb, 0x00, 0x42]);
+
+    /// A host port whose first read finds it empty and whose next read finds
+    /// `arriving`: a frame that lands between two reads.
+    struct ArrivesBetweenReads {
+        arriving: Option<Vec<u8>>,
+        reads: u32,
+        held: Option<Vec<u8>>,
+    }
+
+    impl Port for ArrivesBetweenReads {
+        fn transmit(&mut self, _frame: &GuestFrame<'_>) -> io::Result<TxOutcome> {
+            Ok(TxOutcome::Sent)
+        }
+
+        fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
+            if self.held.is_none() {
+                self.reads += 1;
+                if self.reads > 1 {
+                    self.held = self.arriving.take();
+                }
+            }
+            Ok(self.held.as_deref_mut())
+        }
+
+        fn consume_rx(&mut self) {
+            self.held = None;
+        }
+    }
+
+    /// The guest answering the probe, as it comes from the host side: after the
+    /// virtio-net header, Ethernet to the probe's MAC from the guest's.
+    fn answer_to(probe: MacAddr) -> Vec<u8> {
+        let mut frame = vec![0u8; VNET_HDR_LEN_V1];
+        frame.extend_from_slice(&probe.0);
+        frame.extend_from_slice(&GUEST.0);
+        frame.extend_from_slice(&[0x08, 0x06]);
+        frame.resize(VNET_HDR_LEN_V1 + 60, 0);
+        frame
+    }
+
+    #[test]
+    fn a_frame_arriving_between_two_reads_is_judged_before_the_guest_sees_it() {
+        // Steering needs the host side of a real TAP (root, /dev/net/tun), as in CI.
+        let name = format!("fbsp{}", std::process::id() % 100_000);
+        let tap = open_tap_queues(&name, 1, 1500).expect("a TAP (run the tests as root)");
+        let status = Arc::new(DeviceStatus::new(0, 0).unwrap());
+        let host = HostSide {
+            writer: tap.host_writer,
+            injector: tap.injector,
+        };
+        let steering = Steering::new(GUEST, host, status);
+        steering.set_mode(Mode::Primary, "test");
+        let probe = steering.status().probe_mac;
+        let inner = ArrivesBetweenReads {
+            arriving: Some(answer_to(probe)),
+            reads: 0,
+            held: None,
+        };
+        let mut port = SteeringPort::new(Box::new(inner), Arc::clone(&steering));
+
+        // Empty at first look: nothing for the guest.
+        assert!(port.peek_rx().unwrap().is_none());
+        // The answer arrived meanwhile: steering's, never the guest's.
+        assert!(port.peek_rx().unwrap().is_none());
+        assert_eq!(steering.status().answers, 1);
     }
 }
