@@ -399,9 +399,17 @@ impl AvailCursor {
                     return None;
                 }
                 let size = packed.size();
+                // Two stages, as for split rings, so neither waits for memory: the
+                // descriptors twice as far ahead (a plain prefetch of their line,
+                // whatever it holds yet), then the buffer of the chain
+                // PREFETCH_AHEAD ahead, whose descriptor the first stage brought in.
+                // Reading that descriptor cold cost a quarter of the worker's time
+                // in 64 B packed loopback (bench/results/2026-12-03-packed-two-stage.md).
+                let (far, _) = packed_parts(packed_advance(self.next, 2 * PREFETCH_AHEAD, size));
+                packed.prefetch_descriptor(far);
                 let (ahead, ahead_wrap) =
                     packed_parts(packed_advance(self.next, PREFETCH_AHEAD, size));
-                packed.prefetch(ahead, ahead_wrap, rules.device_writes);
+                packed.prefetch_chain(ahead, ahead_wrap, rules.device_writes);
                 let Some(chain) = walk_packed_chain(packed, position, rules, pieces) else {
                     self.broken = Some(QueueError::UnterminatedPackedChain {
                         queue: self.queue,

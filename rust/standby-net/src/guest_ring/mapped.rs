@@ -927,10 +927,17 @@ impl<'m> PackedRingView<'m> {
         self.mem.mark_dirty(self.device_piece, 2, 2);
     }
 
+    /// Prefetch the line holding the descriptor at `position`, available or not (a
+    /// hint that reads nothing), so that [`Self::prefetch_chain`] later finds it in cache.
+    pub fn prefetch_descriptor(&self, position: u16) {
+        // SAFETY: `slot` < 16 * size, inside the checked descriptor ring.
+        prefetch(unsafe { self.desc.add(self.slot(position)) }, false);
+    }
+
     /// Prefetch the descriptor at `position`, and its buffer if the driver already
     /// made it available. A hint only: the chain is read again, and checked, when
     /// its turn comes.
-    pub fn prefetch(&self, position: u16, wrap: bool, write: bool) {
+    pub fn prefetch_chain(&self, position: u16, wrap: bool, write: bool) {
         if self.is_available(position, wrap) {
             let desc = self.descriptor(position);
             self.mem.prefetch(desc.addr, desc.len, write);
