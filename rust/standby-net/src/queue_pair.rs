@@ -855,6 +855,8 @@ pub struct QueuePair {
     mapped: Option<MappedMemory>,
     /// The port sends every frame back (see `loop_back`).
     loops_back: bool,
+    /// The transmit chains `loop_back` took and has not placed yet.
+    loop_batch: Vec<loop_back::LoopChain>,
 }
 
 impl QueuePair {
@@ -864,6 +866,7 @@ impl QueuePair {
             rx: RxVirtio::new(2 * pair, Arc::clone(&counters)),
             tx: TxVirtio::new(2 * pair + 1, counters),
             loops_back,
+            loop_batch: Vec::with_capacity(loop_back::LOOP_BATCH),
             port,
             errors: ErrorLog::new(),
             mapped: None,

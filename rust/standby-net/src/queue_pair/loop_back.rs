@@ -5,17 +5,39 @@
 //! second copy and a ring of slots per frame. Here a transmit chain stays in its ring
 //! until a receive buffer takes it, so nothing is dropped and order is kept, as with
 //! the slots; `bench/vhost_throughput.py` (loopback) measures what it saves.
+//!
+//! Chains are taken [`LOOP_BATCH`] at a time, then placed: each ring's lines are then
+//! read in runs, not by turns one frame each (DPDK's forwarding moves bursts the same
+//! way). In an A/B on one machine (`bench/README.md`), 64 B packed loopback with 1024
+//! frames in flight went from 10.6-11.4 to 14.2-15.2 Mpps, split from 13.5-14.5 to
+//! 14.7-15.4.
+
+use std::num::Wrapping;
+use std::ops::Range;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 
 use super::{
     check_frame_len, queue_usable, signal_if, AvailCursor, FrameSource, Kicks, LinkParams,
-    Placement, QueuePair, TX_CHAINS,
+    Placement, QueuePair, Taken, TX_CHAINS,
 };
 use crate::guest_ring::MappedMemory;
 use crate::stats::CounterDelta;
 use crate::Vring;
+
+/// Transmit chains taken before any of them is placed.
+pub(super) const LOOP_BATCH: usize = 8;
+
+/// A transmit chain taken, waiting for a receive buffer.
+pub(super) struct LoopChain {
+    /// Where the transmit cursor was before it: where it goes back to when the
+    /// receive ring has no buffer for it.
+    mark: Wrapping<u16>,
+    taken: Taken,
+    /// Its buffers, in the pair's transmit pieces.
+    pieces: Range<usize>,
+}
 
 impl QueuePair {
     /// One pass of the loop: transmit chains into receive buffers until the
@@ -71,57 +93,79 @@ impl QueuePair {
                 self.errors.error(e.queue(), &e);
                 break;
             }
-            loop {
-                let mark = tx_cursor.mark();
+            'batches: loop {
                 self.tx.pieces.clear();
-                let Some(taken) = tx_cursor.next_chain(&tx_ring, TX_CHAINS, &mut self.tx.pieces)
-                else {
+                self.loop_batch.clear();
+                while self.loop_batch.len() < LOOP_BATCH {
+                    let mark = tx_cursor.mark();
+                    let start = self.tx.pieces.len();
+                    let Some(taken) =
+                        tx_cursor.next_chain(&tx_ring, TX_CHAINS, &mut self.tx.pieces)
+                    else {
+                        break;
+                    };
+                    let pieces = start..self.tx.pieces.len();
+                    self.loop_batch.push(LoopChain {
+                        mark,
+                        taken,
+                        pieces,
+                    });
+                }
+                if self.loop_batch.is_empty() {
                     break;
-                };
-                match taken
-                    .walk
-                    .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
-                {
-                    Ok(len) => {
-                        let mut source = FrameSource::Guest {
-                            pieces: &self.tx.pieces,
-                            len,
-                        };
-                        let placement = self.rx.place(
-                            &mut rx_cursor,
-                            &rx_ring,
-                            &mut source,
-                            link,
-                            &mut rx_delta,
-                        );
-                        let bytes = (len - link.vnet_hdr_len) as u64;
-                        match placement {
-                            Placement::Delivered => {
-                                tx_delta.packets += 1;
-                                tx_delta.bytes += bytes;
-                                rx_delta.packets += 1;
-                                rx_delta.bytes += bytes;
-                            }
-                            Placement::NeverFits => {
-                                tx_delta.packets += 1;
-                                tx_delta.bytes += bytes;
-                                rx_delta.drops += 1;
-                            }
-                            Placement::NoBuffers => {
-                                // The frame waits in the transmit ring for buffers.
-                                tx_cursor.rewind(mark);
-                                starved = true;
-                                break;
+                }
+                for chain in self.loop_batch.drain(..) {
+                    let LoopChain {
+                        mark,
+                        taken,
+                        pieces,
+                    } = chain;
+                    match taken
+                        .walk
+                        .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
+                    {
+                        Ok(len) => {
+                            let mut source = FrameSource::Guest {
+                                pieces: &self.tx.pieces[pieces],
+                                len,
+                            };
+                            let placement = self.rx.place(
+                                &mut rx_cursor,
+                                &rx_ring,
+                                &mut source,
+                                link,
+                                &mut rx_delta,
+                            );
+                            let bytes = (len - link.vnet_hdr_len) as u64;
+                            match placement {
+                                Placement::Delivered => {
+                                    tx_delta.packets += 1;
+                                    tx_delta.bytes += bytes;
+                                    rx_delta.packets += 1;
+                                    rx_delta.bytes += bytes;
+                                }
+                                Placement::NeverFits => {
+                                    tx_delta.packets += 1;
+                                    tx_delta.bytes += bytes;
+                                    rx_delta.drops += 1;
+                                }
+                                Placement::NoBuffers => {
+                                    // This frame and the rest of the batch wait in the
+                                    // transmit ring for buffers.
+                                    tx_cursor.rewind(mark);
+                                    starved = true;
+                                    break 'batches;
+                                }
                             }
                         }
+                        Err(e) => {
+                            tx_delta.errors += 1;
+                            self.tx.errors.error(tx_index, &e);
+                        }
                     }
-                    Err(e) => {
-                        tx_delta.errors += 1;
-                        self.tx.errors.error(tx_index, &e);
-                    }
+                    self.tx.used.push(taken.id, 0, taken.slots);
+                    self.tx.used.publish_if_full(&tx_ring);
                 }
-                self.tx.used.push(taken.id, 0, taken.slots);
-                self.tx.used.publish_if_full(&tx_ring);
             }
             self.tx.used.publish(&tx_ring);
             self.rx.used.publish(&rx_ring);
