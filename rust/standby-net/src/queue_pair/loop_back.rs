@@ -94,8 +94,9 @@ impl QueuePair {
                 break;
             }
             'batches: loop {
+                // `loop_batch` is empty here: the last batch was drained (a drain cut
+                // short empties it when dropped).
                 self.tx.pieces.clear();
-                self.loop_batch.clear();
                 while self.loop_batch.len() < LOOP_BATCH {
                     let mark = tx_cursor.mark();
                     let start = self.tx.pieces.len();
@@ -114,12 +115,12 @@ impl QueuePair {
                 if self.loop_batch.is_empty() {
                     break;
                 }
-                for chain in self.loop_batch.drain(..) {
-                    let LoopChain {
-                        mark,
-                        taken,
-                        pieces,
-                    } = chain;
+                for LoopChain {
+                    mark,
+                    taken,
+                    pieces,
+                } in self.loop_batch.drain(..)
+                {
                     match taken
                         .walk
                         .and_then(|len| check_frame_len(len, link.vnet_hdr_len))
