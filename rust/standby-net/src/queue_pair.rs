@@ -374,6 +374,12 @@ impl AvailCursor {
     /// Take the next available chain and walk it into `pieces` (device-writable
     /// buffers when `write`); starts fetching the buffer of the chain
     /// [`PREFETCH_AHEAD`] behind it into the cache.
+    ///
+    /// Inlined into its callers: returned through memory, the chain's id and slots
+    /// were written as two u16 and read back as one u32, a load the store buffer
+    /// cannot forward, which then waits behind the stores to the used ring (A/B,
+    /// 64 B packed loopback-1024: 11.6-15.4 Mpps out of line, 14.8-16.3 inlined).
+    #[inline(always)]
     fn next_chain(
         &mut self,
         ring: &Ring<'_>,
