@@ -167,6 +167,11 @@ impl QueuePair {
                     self.tx.used.push(taken.id, 0, taken.slots);
                     self.tx.used.publish_if_full(&tx_ring);
                 }
+                // The guest gets each batch's frames at once, not 32 at a time: with
+                // few frames in flight it forwards these while the next batch is
+                // placed, instead of waiting for all of them (A/B, 64 B split
+                // loopback-32: 7.7-7.9 to 11.3-11.6 Mpps).
+                self.rx.used.publish(&rx_ring);
             }
             self.tx.used.publish(&tx_ring);
             self.rx.used.publish(&rx_ring);
