@@ -72,6 +72,7 @@ impl Table<'_, '_> {
 
 /// Append the buffers of the chain starting at `head` to `pieces`; returns the
 /// chain's length in bytes. On an error, `pieces` may hold part of the chain.
+#[inline(always)]
 pub fn walk_chain(
     ring: &RingView<'_>,
     head: u16,
@@ -119,6 +120,7 @@ pub fn walk_chain(
 
 /// Check one buffer of a chain that holds `len` bytes so far and append its
 /// pieces; returns the chain's new length.
+#[inline(always)]
 fn add_buffer(
     mem: &MappedMemory,
     addr: u64,
@@ -168,6 +170,13 @@ pub struct PackedChain {
 /// belong to the chain. A chain refused for its buffers is still walked to its end,
 /// so the ring goes on after it. `None`: the chain does not end within the ring;
 /// where the next chain starts is then unknown, and the ring cannot go on.
+///
+/// Inlined into the ring cursor, with `add_buffer` and `MappedMemory::translate`:
+/// out of line, the chain came back through memory, and the worker's next loads
+/// of it waited behind its stores to the used ring (A/B, 64 B packed loopback-32:
+/// 10.8-11.5 Mpps out of line, 13.1-13.5 inlined; bench/README.md). The split walk
+/// is inlined for the same reason.
+#[inline(always)]
 pub fn walk_packed_chain(
     ring: &PackedRingView<'_>,
     position: u16,

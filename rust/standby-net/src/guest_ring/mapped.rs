@@ -210,7 +210,9 @@ impl MappedMemory {
     /// Append the pieces of `[addr, addr + len)` to `out`, one per region it crosses
     /// (regions adjacent in the guest need not be adjacent here). A zero-length range
     /// adds nothing. Fails when a byte lies outside guest memory, or when more than
-    /// `max_pieces` would be in `out`.
+    /// `max_pieces` would be in `out`. Inlined into the chain walks (see
+    /// `walk_packed_chain`).
+    #[inline(always)]
     pub fn translate(
         &self,
         addr: u64,
