@@ -101,6 +101,15 @@ pub struct Descriptor {
 
 const DESCRIPTOR_SIZE: usize = 16;
 const CACHE_LINE: u64 = 64;
+/// Lines of a buffer the device will read that [`MappedMemory::prefetch`] asks for:
+/// a whole 1518 B frame with its header (25 lines) and then some. With only its first
+/// two lines asked for, the copy of a large frame waited on every line after them
+/// (A/B, 1518 B guest-to-host split: 5.70-5.73 Mpps with two lines, 7.34-8.12 with
+/// all; bench/README.md).
+const PREFETCH_READ_LINES: u32 = 32;
+/// Lines of a buffer the device will write: the first two, which hold a small frame
+/// after its virtio-net header.
+const PREFETCH_WRITE_LINES: u32 = 2;
 
 /// A packed-ring descriptor as read from guest memory (virtio 1.x, 2.8.13): the
 /// same 16 bytes as a split one, with the buffer id where the split ring has its
@@ -262,9 +271,10 @@ impl MappedMemory {
         })
     }
 
-    /// Hint the CPU to fetch the cache line of guest address `addr` (for writing when
-    /// `write`): a buffer a few chains ahead is then in cache when its turn comes,
-    /// instead of on the CPU that filled it. Does nothing for an address outside memory.
+    /// Hint the CPU to fetch the lines of the buffer at guest address `addr` (for
+    /// writing when `write`): a buffer a few chains ahead is then in cache when its
+    /// turn comes, instead of on the CPU that filled it. Does nothing for an address
+    /// outside memory; stops at the end of the address's region.
     pub fn prefetch(&self, addr: u64, len: u32, write: bool) {
         let Some(index) = self.region_of(addr) else {
             return;
@@ -273,12 +283,20 @@ impl MappedMemory {
         let offset = addr - region.guest_start;
         let at = region.host.wrapping_add(offset as usize).cast_const();
         let prefetchw = write && self.prefetchw;
+        let lines = if write {
+            PREFETCH_WRITE_LINES
+        } else {
+            PREFETCH_READ_LINES
+        };
+        let end = u64::from(len).min(region.len - offset);
         prefetch(at, prefetchw);
-        // A small frame after its virtio-net header spans two lines: the second is
-        // asked for too when the buffer reaches it within the region.
-        let second = CACHE_LINE - (at as u64 % CACHE_LINE);
-        if u64::from(len) > second && offset + second < region.len {
-            prefetch(at.wrapping_add(second as usize), prefetchw);
+        let mut next = CACHE_LINE - (at as u64 % CACHE_LINE);
+        for _ in 1..lines {
+            if next >= end {
+                break;
+            }
+            prefetch(at.wrapping_add(next as usize), prefetchw);
+            next += CACHE_LINE;
         }
     }
 
