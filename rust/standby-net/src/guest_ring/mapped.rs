@@ -104,7 +104,7 @@ const CACHE_LINE: u64 = 64;
 /// Lines of a buffer the device will read that [`MappedMemory::prefetch`] asks for:
 /// a whole 1518 B frame with its header (25 lines) and then some. With only its first
 /// two lines asked for, the copy of a large frame waited on every line after them
-/// (A/B, 1518 B guest-to-host split: 5.70-5.73 Mpps with two lines, 7.34-8.12 with
+/// (A/B, 1518 B guest-to-host split: 5.70-6.24 Mpps with two lines, 6.81-8.31 with
 /// all; bench/README.md).
 const PREFETCH_READ_LINES: u32 = 32;
 /// Lines of a buffer the device will write: the first two, which hold a small frame
