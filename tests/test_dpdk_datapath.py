@@ -62,14 +62,16 @@ def test_negotiated_features_are_what_both_sides_offered(
 
 
 @pytest.mark.parametrize(
-    ("port", "frame_len", "poll_us", "packed_vq"),
+    ("port", "frame_len", "poll_us", "packed_vq", "in_order"),
     [
-        ("null", 64, 50, 0),
-        ("null", 1518, 50, 0),
-        ("null", 64, 0, 0),
-        ("sink", 1518, 50, 0),
-        ("null", 64, 50, 1),
-        ("sink", 1518, 0, 1),
+        ("null", 64, 50, 0, 1),
+        ("null", 1518, 50, 0, 1),
+        ("null", 64, 0, 0, 1),
+        ("sink", 1518, 50, 0, 1),
+        # Packed and in order: each batch goes back as one used descriptor.
+        ("null", 64, 50, 1, 1),
+        ("sink", 1518, 0, 1, 1),
+        ("sink", 64, 50, 1, 0),
     ],
 )
 def test_null_and_sink_ports_count_every_frame_the_guest_sends(
@@ -79,13 +81,15 @@ def test_null_and_sink_ports_count_every_frame_the_guest_sends(
     frame_len: int,
     poll_us: int,
     packed_vq: int,
+    in_order: int,
 ) -> None:
     backend = make_backend(port=port, poll_us=poll_us)
-    vdev = virtio_user_vdev(backend.socket_path, packed_vq=packed_vq)
+    vdev = virtio_user_vdev(backend.socket_path, packed_vq=packed_vq, in_order=in_order)
     app = ["--forward-mode=txonly", f"--txpkts={frame_len}", "--nb-cores=1"]
     with Testpmd(testpmd_binary, [vdev], app) as pmd:
         acked = wait_negotiated(backend)
         assert ("RING_PACKED" in _native.feature_names(acked)) == bool(packed_vq)
+        assert ("IN_ORDER" in _native.feature_names(acked)) == bool(in_order)
         pmd.cmd("start")
         time.sleep(3)
         pmd.cmd("stop")

@@ -82,6 +82,7 @@ pub fn walk_rings(data: &[u8]) {
         },
         mergeable_rx: options & 2 != 0,
         packed_ring: options & 16 != 0,
+        in_order: options & 64 != 0,
     };
     let port: SharedPort = Arc::new(Mutex::new(Box::<LoopPort>::default()));
     let mut pair = QueuePair::new(0, port, Arc::new(DeviceCounters::new(2)));

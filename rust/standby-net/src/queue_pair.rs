@@ -146,6 +146,9 @@ pub struct LinkParams {
     pub mergeable_rx: bool,
     /// VIRTIO_F_RING_PACKED: every ring of the device is packed.
     pub packed_ring: bool,
+    /// VIRTIO_F_IN_ORDER: the driver takes used buffers back in the order it made
+    /// them available.
+    pub in_order: bool,
 }
 
 fn layout_of(queue: &Queue, packed: bool) -> RingLayout {
@@ -549,6 +552,7 @@ impl TxVirtio {
         let mut delta = CounterDelta::default();
         let mut progress = TxProgress::default();
         self.used.begin(queue, &ring);
+        self.used.hand_back_transmit_batches_whole(link.in_order);
         self.ring.suppress_kicks(&ring, event_idx);
         // With EVENT_IDX the guest kicks only when it passes `avail_event`, so after
         // re-arming notifications look again: a frame added in between would

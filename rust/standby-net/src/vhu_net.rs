@@ -30,7 +30,7 @@ use crate::port::SharedPort;
 use crate::queue_pair::{Kicks, LinkParams, QueuePair};
 use crate::stats::DeviceCounters;
 use crate::status::{DeviceEvent, DeviceStatus};
-use crate::virtio_net::{vnet_hdr_len, F_LOG_ALL, F_MRG_RXBUF, F_RING_PACKED};
+use crate::virtio_net::{vnet_hdr_len, F_IN_ORDER, F_LOG_ALL, F_MRG_RXBUF, F_RING_PACKED};
 use crate::{GuestMemory, Vring};
 
 /// A worker's receive queue (guest buffers posted): the first of its two vrings.
@@ -182,6 +182,7 @@ impl VhostUserNet {
             vnet_hdr_len: vnet_hdr_len(acked),
             mergeable_rx: acked & F_MRG_RXBUF != 0,
             packed_ring: acked & F_RING_PACKED != 0,
+            in_order: acked & F_IN_ORDER != 0,
         }
     }
 

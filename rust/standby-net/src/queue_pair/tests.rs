@@ -36,11 +36,13 @@ const MERGEABLE: LinkParams = LinkParams {
     vnet_hdr_len: VNET_HDR_LEN_V1,
     mergeable_rx: true,
     packed_ring: false,
+    in_order: false,
 };
 const ONE_BUFFER: LinkParams = LinkParams {
     vnet_hdr_len: VNET_HDR_LEN_V1,
     mergeable_rx: false,
     packed_ring: false,
+    in_order: false,
 };
 
 /// A readable (`false`) or device-writable (`true`) buffer.
@@ -487,6 +489,7 @@ fn legacy_header_has_no_num_buffers_field(format: Format) {
         vnet_hdr_len: VNET_HDR_LEN_LEGACY,
         mergeable_rx: false,
         packed_ring: false,
+        in_order: false,
     };
     rig.pump(legacy);
     assert_eq!(rig.used(RX_RING), [(0, 70)]);
