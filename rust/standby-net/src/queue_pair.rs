@@ -840,8 +840,11 @@ impl RxVirtio {
                 break Ok(());
             }
         };
-        if !progress.starved {
-            // Buffers to spare: no need for a kick each time the guest adds more.
+        if !progress.starved || kicks == Kicks::Suppress {
+            // Buffers to spare, or the worker polls: no need for a kick each time the
+            // guest adds more. A starved pass that leaves kicks on while polling costs
+            // the guest a syscall per refill (a driver that refills faster than the
+            // port sends leaves every pass starved).
             self.ring.suppress_kicks(&ring, event_idx);
         }
         let result = result.and(cursor.take_error().map_or(Ok(()), Err));

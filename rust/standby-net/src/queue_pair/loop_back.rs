@@ -194,7 +194,7 @@ impl QueuePair {
             }
             self.tx.ring.suppress_kicks(&tx_ring, tx_event_idx);
         }
-        if !starved {
+        if !starved || kicks == Kicks::Suppress {
             self.rx.ring.suppress_kicks(&rx_ring, rx_event_idx);
         }
         for cursor in [&mut tx_cursor, &mut rx_cursor] {

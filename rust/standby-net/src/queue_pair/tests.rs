@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use vhost_user_backend::VringT;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_PACKED_DESC_F_AVAIL,
-    VRING_PACKED_DESC_F_USED,
+    VRING_PACKED_DESC_F_USED, VRING_PACKED_EVENT_FLAG_DISABLE, VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::desc::{
     packed::Descriptor as PackedDescriptor, split::Descriptor as SplitDescriptor, RawDescriptor,
@@ -324,13 +324,36 @@ impl Rig {
     }
 
     fn pump(&mut self, link: LinkParams) {
+        self.pump_with(link, Kicks::Arm);
+    }
+
+    /// One pass as the worker makes it while polling (`Kicks::Suppress`) or before
+    /// it sleeps (`Kicks::Arm`).
+    fn pump_with(&mut self, link: LinkParams, kicks: Kicks) {
         let guard = self.mem.memory();
         let link = LinkParams {
             packed_ring: self.format == Format::Packed,
             ..link
         };
         self.pair
-            .pump(&self.rx, &self.tx, &guard, link, false, Kicks::Arm);
+            .pump(&self.rx, &self.tx, &guard, link, false, kicks);
+    }
+
+    /// Whether the device asks the driver to kick when it adds buffers to the ring
+    /// at `ring` (event index off: a split ring's used flags, a packed ring's device
+    /// event flags).
+    fn wants_kicks(&self, ring: GuestAddress) -> bool {
+        let mem = self.mem.memory();
+        match self.format {
+            Format::Split => {
+                let flags: u16 = mem.read_obj(used_ring(ring)).unwrap();
+                flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+            }
+            Format::Packed => {
+                let flags: u16 = mem.read_obj(device_area(ring).unchecked_add(2)).unwrap();
+                flags != VRING_PACKED_EVENT_FLAG_DISABLE as u16
+            }
+        }
     }
 
     /// `(id, len)` of every used entry of the ring at `ring` so far: a split ring's
@@ -676,6 +699,87 @@ fn a_packed_chain_without_an_end_stops_the_ring() {
     assert_eq!(rig.tx.queue_next_avail(), 0x8000, "the ring base stays");
 }
 
+/// A host port with a frame for the guest whenever it is asked.
+struct EndlessSource {
+    frame: Vec<u8>,
+}
+
+impl Port for EndlessSource {
+    fn transmit(
+        &mut self,
+        _frame: &crate::port::GuestFrame<'_>,
+    ) -> std::io::Result<crate::port::TxOutcome> {
+        Ok(crate::port::TxOutcome::Sent)
+    }
+
+    fn peek_rx(&mut self) -> std::io::Result<Option<&mut [u8]>> {
+        Ok(Some(&mut self.frame))
+    }
+}
+
+/// A driver that refills the receive ring faster than the port sends leaves every
+/// pass starved; while the worker polls it must not be asked to kick for each
+/// refill (a syscall per refill, most of a polling driver's time at 64 B). Before
+/// the worker sleeps it must be asked again, or buffers posted then would wait.
+fn a_starved_receive_queue_asks_for_kicks_only_before_the_worker_sleeps(
+    format: Format,
+    looped: bool,
+) {
+    let port: Box<dyn Port> = if looped {
+        Box::<LoopPort>::default()
+    } else {
+        Box::new(EndlessSource {
+            frame: hdr_and_frame(60, 5),
+        })
+    };
+    let mut rig = Rig::new(format, port);
+    for i in 0..4u64 {
+        rig.send(
+            &[(0x2_0000 + i * 0x1000, 72, false)],
+            &hdr_and_frame(60, i as u8),
+        );
+    }
+    rig.post_rx(&[(0x4_0000, 2048, true)]);
+    rig.pump_with(MERGEABLE, Kicks::Arm);
+    assert_eq!(rig.used(RX_RING).len(), 1);
+    assert!(
+        rig.wants_kicks(RX_RING),
+        "asleep and starved: a kick must wake the worker"
+    );
+
+    rig.post_rx(&[(0x4_1000, 2048, true)]);
+    rig.pump_with(MERGEABLE, Kicks::Suppress);
+    assert_eq!(
+        rig.used(RX_RING).len(),
+        2,
+        "the polling pass filled the new buffer"
+    );
+    assert!(!rig.wants_kicks(RX_RING), "starved while polling: no kicks");
+
+    rig.post_rx(&[(0x4_2000, 2048, true)]);
+    rig.pump_with(MERGEABLE, Kicks::Suppress);
+    assert_eq!(rig.used(RX_RING).len(), 3);
+    assert!(!rig.wants_kicks(RX_RING), "still polling: still no kicks");
+
+    rig.pump_with(MERGEABLE, Kicks::Arm);
+    assert!(rig.wants_kicks(RX_RING), "going to sleep: kicks again");
+    rig.post_rx(&[(0x4_3000, 2048, true)]);
+    rig.pump_with(MERGEABLE, Kicks::Arm);
+    assert_eq!(rig.used(RX_RING).len(), 4);
+}
+
+fn a_starved_receive_queue_fed_by_a_port_asks_for_kicks_only_before_the_worker_sleeps(
+    format: Format,
+) {
+    a_starved_receive_queue_asks_for_kicks_only_before_the_worker_sleeps(format, false);
+}
+
+fn a_starved_receive_queue_fed_by_the_loop_port_asks_for_kicks_only_before_the_worker_sleeps(
+    format: Format,
+) {
+    a_starved_receive_queue_asks_for_kicks_only_before_the_worker_sleeps(format, true);
+}
+
 macro_rules! both_formats {
     ($($test:ident),* $(,)?) => {
         mod split {
@@ -708,4 +812,6 @@ both_formats!(
     used_entries_follow_the_available_order_across_errors_and_waits,
     frames_go_round_the_ring_many_times,
     a_chain_refused_in_the_middle_is_skipped_whole,
+    a_starved_receive_queue_fed_by_a_port_asks_for_kicks_only_before_the_worker_sleeps,
+    a_starved_receive_queue_fed_by_the_loop_port_asks_for_kicks_only_before_the_worker_sleeps,
 );
