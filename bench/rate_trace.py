@@ -36,7 +36,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vhost_throughput as throughput  # the backends and the load, as the matrix runs them
-from testpmd import Testpmd, virtio_user_vdev  # the tests' testpmd driver (path set by it)
 
 
 @contextlib.contextmanager
@@ -63,30 +62,22 @@ def trace(
     warmup: float,
 ) -> list[float]:
     """One run: the rate (Mpps) in each second of the window."""
-    with backend_running(binary, backend, socket, mode, case):
-        vdev = virtio_user_vdev(
-            str(socket), queues=case.queues, in_order=1, packed_vq=int(case.ring == "packed")
-        )
-        app = [
-            f"--forward-mode={mode.frontend_forward}",
-            f"--txpkts={case.size}",
-            f"--rxq={case.queues}",
-            f"--txq={case.queues}",
-            "--nb-cores=1",
-        ]
-        with Testpmd(binary, [vdev], app, lcores=throughput.FRONTEND_LCORES) as pmd:
-            time.sleep(0.5)
-            pmd.cmd(mode.start)
-            time.sleep(warmup)
-            rates = []
-            count, t0 = pmd.port_stats(0)[mode.field], time.monotonic()
-            for _ in range(seconds):
-                time.sleep(1.0)
-                now, t1 = pmd.port_stats(0)[mode.field], time.monotonic()
-                rates.append((now - count) / (t1 - t0) / 1e6)
-                count, t0 = now, t1
-            pmd.cmd("stop")
-            return rates
+    with (
+        backend_running(binary, backend, socket, mode, case),
+        throughput.frontend(binary, socket, mode, case, in_order=1) as pmd,
+    ):
+        time.sleep(0.5)
+        pmd.cmd(mode.start)
+        time.sleep(warmup)
+        rates = []
+        count, t0 = pmd.port_stats(0)[mode.field], time.monotonic()
+        for _ in range(seconds):
+            time.sleep(1.0)
+            now, t1 = pmd.port_stats(0)[mode.field], time.monotonic()
+            rates.append((now - count) / (t1 - t0) / 1e6)
+            count, t0 = now, t1
+        pmd.cmd("stop")
+        return rates
 
 
 def percentile(values: list[float], fraction: float) -> float:

@@ -212,6 +212,20 @@ def dpdk_vhost(binary: str, socket: Path, mode: Mode, case: Case, tap: str) -> I
         pmd.kill()
 
 
+def frontend(binary: str, socket: Path, mode: Mode, case: Case, in_order: int) -> Testpmd:
+    """The load (not started yet): testpmd with a virtio-user port on ``socket``."""
+    app = [
+        f"--forward-mode={mode.frontend_forward}",
+        f"--txpkts={case.size}",
+        f"--rxq={case.queues}",
+        f"--txq={case.queues}",
+        "--nb-cores=1",
+    ]
+    packed_vq = int(case.ring == "packed")
+    vdev = virtio_user_vdev(str(socket), queues=case.queues, in_order=in_order, packed_vq=packed_vq)
+    return Testpmd(binary, [vdev], app, lcores=FRONTEND_LCORES)
+
+
 def run_frontend(
     binary: str,
     socket: Path,
@@ -224,16 +238,7 @@ def run_frontend(
     sample_rss: Callable[[], None] = lambda: None,
 ) -> tuple[float, float, float]:
     """Drive the load; returns (Mpps, backend CPU % connected and idle, under load)."""
-    app = [
-        f"--forward-mode={mode.frontend_forward}",
-        f"--txpkts={case.size}",
-        f"--rxq={case.queues}",
-        f"--txq={case.queues}",
-        "--nb-cores=1",
-    ]
-    packed_vq = int(case.ring == "packed")
-    vdev = virtio_user_vdev(str(socket), queues=case.queues, in_order=in_order, packed_vq=packed_vq)
-    with Testpmd(binary, [vdev], app, lcores=FRONTEND_LCORES) as pmd:
+    with frontend(binary, socket, mode, case, in_order) as pmd:
         time.sleep(0.5)
         sample_rss()
         cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
