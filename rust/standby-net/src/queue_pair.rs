@@ -577,7 +577,7 @@ impl TxVirtio {
                             delta.bytes += (len - link.vnet_hdr_len) as u64;
                         }
                         Ok(TxOutcome::Dropped) => delta.drops += 1,
-                        Ok(TxOutcome::Filtered) => {}
+                        Ok(TxOutcome::Filtered) | Ok(TxOutcome::Queued) => {}
                         Ok(TxOutcome::Busy) => {
                             // Leave the chain in the ring; it is offered again later.
                             cursor.rewind(mark);
@@ -596,8 +596,13 @@ impl TxVirtio {
                 }
                 // Transmit buffers are only read: completed with length 0.
                 self.used.push(taken.id, 0, taken.slots);
-                self.used.publish_if_full(&ring);
+                if self.used.is_full(&ring) {
+                    // A port's queued frames are written before their buffers go back.
+                    self.flush_port(port, &mut delta);
+                    self.used.publish(&ring);
+                }
             }
+            self.flush_port(port, &mut delta);
             if progress.blocked {
                 break Ok(());
             }
@@ -607,6 +612,9 @@ impl TxVirtio {
             }
             self.ring.suppress_kicks(&ring, event_idx);
         };
+        // Every way out of the loop above has flushed the port already; this keeps the
+        // rule (no buffer back before its frame is written) true whatever changes.
+        self.flush_port(port, &mut delta);
         let result = result.and(cursor.take_error().map_or(Ok(()), Err));
         queue.set_next_avail(cursor.next.0);
         progress.chains = self.used.completed_in_pass();
@@ -615,6 +623,19 @@ impl TxVirtio {
         progress.frames = delta.packets;
         self.counters.queue(self.queue as usize).add(&delta);
         result.map(|()| progress)
+    }
+}
+
+impl TxVirtio {
+    /// Count what the port wrote of the frames it had queued.
+    fn flush_port(&mut self, port: &mut dyn Port, delta: &mut CounterDelta) {
+        let flushed = port.flush();
+        delta.packets += flushed.sent;
+        delta.bytes += flushed.bytes;
+        delta.drops += flushed.dropped;
+        if let Some(e) = flushed.error {
+            self.errors.error(self.queue, &format!("host port: {e}"));
+        }
     }
 }
 

@@ -130,14 +130,19 @@ impl UsedRing {
     /// Publish when a batch is full; call only between frames, so the buffers of
     /// one merged frame always appear together.
     pub fn publish_if_full(&mut self, ring: &Ring<'_>) {
+        if self.is_full(ring) {
+            self.publish(ring);
+        }
+    }
+
+    /// A batch is full: publish it (between frames).
+    pub fn is_full(&self, ring: &Ring<'_>) -> bool {
         let every = match ring {
             Ring::Split(_) => PUBLISH_EVERY,
             Ring::Packed(_) if self.one_per_batch => PUBLISH_EVERY,
             Ring::Packed(_) => PACKED_PUBLISH_EVERY,
         };
-        if self.pending.len() >= every {
-            self.publish(ring);
-        }
+        self.pending.len() >= every
     }
 
     /// Write the pending completions and make them visible at once.

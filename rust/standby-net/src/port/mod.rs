@@ -9,6 +9,7 @@ mod loopback;
 mod null;
 mod open_tap;
 mod tap;
+mod tap_batch;
 mod tap_injector;
 mod tap_port;
 
@@ -69,6 +70,49 @@ pub enum TxOutcome {
     Busy,
     /// Kept from the host side on purpose (steering); counted by steering.
     Filtered,
+    /// Taken into a batch the port writes at [`Port::flush`], which reports it. Its
+    /// chain must not go back to the guest before then.
+    Queued,
+}
+
+/// What became of the frames a [`Port::flush`] wrote.
+#[derive(Debug, Default)]
+pub struct FlushedFrames {
+    pub sent: u64,
+    /// Ethernet bytes of the frames sent.
+    pub bytes: u64,
+    pub dropped: u64,
+    /// The first failure that was not the host side being full or down.
+    pub error: Option<io::Error>,
+}
+
+impl FlushedFrames {
+    /// Add what another flush wrote.
+    pub fn add(&mut self, other: FlushedFrames) {
+        self.sent += other.sent;
+        self.bytes += other.bytes;
+        self.dropped += other.dropped;
+        self.error = self.error.take().or(other.error);
+    }
+
+    /// Count one frame of `bytes` by its write's result (bytes written, or -errno).
+    pub fn count(&mut self, bytes: u64, result: i32) {
+        if result >= 0 {
+            self.sent += 1;
+            self.bytes += bytes;
+            return;
+        }
+        self.dropped += 1;
+        if !is_host_side_full_or_down(-result) && self.error.is_none() {
+            self.error = Some(io::Error::from_raw_os_error(-result));
+        }
+    }
+}
+
+/// A write the host side refused as a wire would lose a frame: its queue is full,
+/// or its link is down.
+pub fn is_host_side_full_or_down(errno: i32) -> bool {
+    matches!(errno, libc::EAGAIN | libc::ENOBUFS | libc::EIO)
 }
 
 /// The host side of one queue pair.
@@ -78,6 +122,12 @@ pub enum TxOutcome {
 pub trait Port: Send {
     /// Hand one frame from the guest to the host side.
     fn transmit(&mut self, frame: &GuestFrame<'_>) -> io::Result<TxOutcome>;
+
+    /// Write the frames [`Port::transmit`] answered `Queued` for; called before their
+    /// chains go back to the guest, and before the transmit pass ends.
+    fn flush(&mut self) -> FlushedFrames {
+        FlushedFrames::default()
+    }
 
     /// The next frame for the guest, virtio-net header first. It stays here until
     /// [`Port::consume_rx`], so a frame that finds no guest buffer is not lost.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::frames::{FrameHead, HEAD_LEN};
 use super::policy::Verdict;
 use super::Steering;
-use crate::port::{GuestFrame, Port, TxOutcome};
+use crate::port::{FlushedFrames, GuestFrame, Port, TxOutcome};
 use crate::virtio_net::VNET_HDR_LEN_V1;
 
 pub struct SteeringPort {
@@ -67,6 +67,10 @@ impl Port for SteeringPort {
             }
         }
         self.inner.transmit(frame)
+    }
+
+    fn flush(&mut self) -> FlushedFrames {
+        self.inner.flush()
     }
 
     fn peek_rx(&mut self) -> io::Result<Option<&mut [u8]>> {
