@@ -421,8 +421,9 @@ def report(table: list[Row], results: list[Result], args: argparse.Namespace) ->
         "Not like for like, on purpose: in `loopback-*` DPDK copies each frame twice"
         " (into an mbuf and out again) where the standby's `loop` copies it once, buffer"
         " to buffer; in `guest-to-tap` DPDK copies into an mbuf before writing it to the"
-        " TAP, the standby writes the TAP straight from guest memory. In"
-        " `guest-to-host` both read every frame (`sink` / rxonly).",
+        " TAP (one system call per frame), the standby writes the TAP straight from guest"
+        " memory (a batch of writes per io_uring submission). In `guest-to-host` both"
+        " read every frame (`sink` / rxonly).",
     ]
     return "\n".join(lines) + "\n"
 
