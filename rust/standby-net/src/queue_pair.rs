@@ -602,6 +602,8 @@ impl TxVirtio {
                     self.used.publish(&ring);
                 }
             }
+            // Every way out of this loop passes here after the last chain it took,
+            // so no buffer goes back before its frame is written.
             self.flush_port(port, &mut delta);
             if progress.blocked {
                 break Ok(());
@@ -612,9 +614,6 @@ impl TxVirtio {
             }
             self.ring.suppress_kicks(&ring, event_idx);
         };
-        // Every way out of the loop above has flushed the port already; this keeps the
-        // rule (no buffer back before its frame is written) true whatever changes.
-        self.flush_port(port, &mut delta);
         let result = result.and(cursor.take_error().map_or(Ok(()), Err));
         queue.set_next_avail(cursor.next.0);
         progress.chains = self.used.completed_in_pass();
@@ -624,9 +623,7 @@ impl TxVirtio {
         self.counters.queue(self.queue as usize).add(&delta);
         result.map(|()| progress)
     }
-}
 
-impl TxVirtio {
     /// Count what the port wrote of the frames it had queued.
     fn flush_port(&mut self, port: &mut dyn Port, delta: &mut CounterDelta) {
         let flushed = port.flush();

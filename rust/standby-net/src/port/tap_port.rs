@@ -179,8 +179,8 @@ impl Port for TapPort {
             if queued == Queued::Yes {
                 return Ok(TxOutcome::Queued);
             }
-            // Written alone: after the frames before it.
-            self.flush_batch();
+            // The batch is empty here (flushed above, or the frame has more segments
+            // than any batch holds), so a frame written alone goes after those before it.
         }
         self.write_alone(frame)
     }
