@@ -11,10 +11,10 @@
 //! A periodic timer is the port's wake-up descriptor: it starts the flow on a new
 //! connection without waiting for a kick, and paces a set rate (1 ms ticks). Without
 //! a rate the guest's kicks for new buffers drive it. A tick at which no frame went
-//! out since the last one doubles the period, up to [`IDLE_TICK_MAX`], and the next
-//! frame that goes out brings it back to 1 ms: a guest that takes nothing costs a few
-//! wake-ups a second, not a thousand (3-4 % of a CPU before, bench/README.md). The
-//! timer stops once `count` frames went out.
+//! out since the last one, though one was ready (not held back by the rate), doubles
+//! the period, up to [`IDLE_TICK_MAX`]; the next frame that goes out brings it back to
+//! 1 ms. A guest that takes nothing costs a few wake-ups a second, not a thousand (3-4 %
+//! of a CPU before, bench/README.md). The timer stops once `count` frames went out.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -148,7 +148,14 @@ impl Port for GenPort {
     fn woken(&mut self) {
         // An unread timer raises no new edge: read its expirations (never blocks).
         let _ = self.timer.wait();
-        if self.sequence == self.sequence_at_tick && self.tick < IDLE_TICK_MAX && !self.finished() {
+        // Slow down only when the guest held frames back: a paced port with nothing
+        // due yet needs its clock.
+        let guest_took_nothing = self.sequence == self.sequence_at_tick
+            && self
+                .pacer
+                .as_ref()
+                .is_none_or(|pacer| pacer.is_due(self.sequence, Instant::now()));
+        if guest_took_nothing && self.tick < IDLE_TICK_MAX && !self.finished() {
             if let Err(e) = self.set_tick((self.tick * 2).min(IDLE_TICK_MAX)) {
                 log::warn!("gen port: cannot slow its timer: {e}");
             }
@@ -201,9 +208,19 @@ impl Pacer {
         }
     }
 
-    fn may_send(&mut self, sequence: u64, now: Instant) -> bool {
+    /// Frames due by `now`, counted from frame 0.
+    fn due(&self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.start);
-        let due = self.base + (elapsed.as_nanos() * u128::from(self.rate) / 1_000_000_000) as u64;
+        self.base + (elapsed.as_nanos() * u128::from(self.rate) / 1_000_000_000) as u64
+    }
+
+    /// Whether frame `sequence` is due (without using up the credit).
+    fn is_due(&self, sequence: u64, now: Instant) -> bool {
+        sequence < self.due(now)
+    }
+
+    fn may_send(&mut self, sequence: u64, now: Instant) -> bool {
+        let due = self.due(now);
         if due > sequence + self.burst {
             // Start over from here with a full burst of credit.
             self.start = now;
@@ -268,6 +285,27 @@ mod tests {
             port.woken();
         }
         port.woken(); // nothing to read: must not block
+    }
+
+    #[test]
+    fn a_paced_port_keeps_its_clock_while_no_frame_is_due_and_slows_when_one_is_held_back() {
+        // 10 frames a second: the first is due after 100 ms.
+        let mut port = GenPort::new(spec(64, Some(10), None), GUEST).unwrap();
+        port.configure(12, 0).unwrap();
+        for _ in 0..5 {
+            port.woken();
+        }
+        assert_eq!(port.tick, TICK, "nothing was due, so nothing was held back");
+        std::thread::sleep(Duration::from_millis(120));
+        port.woken();
+        assert_eq!(
+            port.tick,
+            2 * TICK,
+            "a frame was due and the guest took none"
+        );
+        port.peek_rx().unwrap().expect("the frame due");
+        port.consume_rx();
+        assert_eq!(port.tick, TICK);
     }
 
     #[test]
