@@ -233,6 +233,8 @@ impl Pacer {
 
 #[cfg(test)]
 mod tests {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
     use super::*;
 
     fn spec(size: u16, rate: Option<u64>, count: Option<u64>) -> GenSpec {
@@ -269,16 +271,21 @@ mod tests {
         assert_eq!(&again[12 + 14..12 + 22], &0u64.to_be_bytes());
     }
 
-    #[test]
-    fn the_timer_wakes_its_watcher_every_tick_once_read() {
-        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-        let mut port = GenPort::new(spec(64, Some(10), None), GUEST).unwrap();
+    /// An epoll watching the port's descriptor as a worker does (edge-triggered).
+    fn watch(port: &GenPort) -> Epoll {
         let epoll = Epoll::new().unwrap();
         let watched = EventSet::IN | EventSet::EDGE_TRIGGERED;
         let fd = port.rx_fd().unwrap();
         epoll
             .ctl(ControlOperation::Add, fd, EpollEvent::new(watched, 7))
             .unwrap();
+        epoll
+    }
+
+    #[test]
+    fn the_timer_wakes_its_watcher_every_tick_once_read() {
+        let mut port = GenPort::new(spec(64, Some(10), None), GUEST).unwrap();
+        let epoll = watch(&port);
         let mut events = [EpollEvent::default(); 2];
         for _ in 0..5 {
             assert_eq!(epoll.wait(100, &mut events).unwrap(), 1, "a tick");
@@ -310,15 +317,9 @@ mod tests {
 
     #[test]
     fn a_port_nobody_takes_frames_from_slows_its_timer_and_the_next_frame_speeds_it_up() {
-        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let mut port = GenPort::new(spec(64, None, None), GUEST).unwrap();
         port.configure(12, 0).unwrap();
-        let epoll = Epoll::new().unwrap();
-        let fd = port.rx_fd().unwrap();
-        let watched = EventSet::IN | EventSet::EDGE_TRIGGERED;
-        epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(watched, 7))
-            .unwrap();
+        let epoll = watch(&port);
         let mut events = [EpollEvent::default(); 2];
         let mut tick = |port: &mut GenPort| {
             assert_eq!(epoll.wait(1000, &mut events).unwrap(), 1, "a tick");
