@@ -236,13 +236,15 @@ def run_frontend(
     warmup: float,
     in_order: int,
     sample_rss: Callable[[], None] = lambda: None,
+    idle_seconds: float = 1.0,
 ) -> tuple[float, float, float]:
-    """Drive the load; returns (Mpps, backend CPU % connected and idle, under load)."""
+    """Drive the load; returns (Mpps, backend CPU % connected and idle over
+    ``idle_seconds``, under load)."""
     with frontend(binary, socket, mode, case, in_order) as pmd:
         time.sleep(0.5)
         sample_rss()
         cpu0, t0 = cpu_seconds(backend_pid), time.monotonic()
-        time.sleep(1.0)
+        time.sleep(idle_seconds)
         idle_pct = 100 * (cpu_seconds(backend_pid) - cpu0) / (time.monotonic() - t0)
         pmd.cmd(mode.start)
         time.sleep(warmup)
@@ -264,6 +266,7 @@ def bench(
     in_order: int,
     poll_us: int = 50,
     progress: Callable[[str], None] = lambda line: None,
+    idle_seconds: float = 1.0,
 ) -> list[Result]:
     """Every case ``rounds`` times, alternating the two backends."""
     results = []
@@ -298,6 +301,7 @@ def bench(
                                 warmup,
                                 in_order,
                                 sample,
+                                idle_seconds,
                             )
                     else:
                         with dpdk_vhost(binary, socket, mode, case, tap) as pmd:
@@ -310,6 +314,7 @@ def bench(
                                 pmd.pid,
                                 warmup,
                                 in_order,
+                                idle_seconds=idle_seconds,
                             )
                     # DPDK's RSS is not sampled: its fields stay None.
                     result = Result(
@@ -389,7 +394,8 @@ def report(table: list[Row], results: list[Result], args: argparse.Namespace) ->
         f" virtio-user in_order={args.in_order}, standby --poll-us {args.poll_us}."
         " Median (min-max) in Mpps, ratio of"
         " medians. Where the two ranges overlap, the run cannot tell the backends apart."
-        " CPU: the backend process, % of one CPU (DPDK's forwarding lcore always spins).",
+        " CPU: the backend process, % of one CPU (DPDK's forwarding lcore always spins);"
+        f" idle: connected, the load not started, over {args.idle_seconds:g} s.",
         "",
         "| case | standby | DPDK vhost PMD | ratio | ranges overlap"
         " | standby CPU idle / load | DPDK CPU load |",
@@ -473,6 +479,13 @@ def main() -> int:
     parser.add_argument(
         "--poll-us", type=int, default=50, help="the standby's serve --poll-us (default 50)"
     )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=1.0,
+        help="how long the backend's CPU is read connected and idle, before each window"
+        " (in 10 ms ticks: 1 s reads in steps of 1 %%)",
+    )
     parser.add_argument("--output", type=Path, help="write PREFIX.md, PREFIX.json and PREFIX.png")
     args = parser.parse_args()
     binary = shutil.which("dpdk-testpmd")
@@ -495,6 +508,7 @@ def main() -> int:
         args.in_order,
         args.poll_us,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        idle_seconds=args.idle_seconds,
     )
     table = rows(results, cases)
     text = report(table, results, args)
@@ -513,6 +527,7 @@ def main() -> int:
                     "in_order": args.in_order,
                     "rings": args.rings,
                     "poll_us": args.poll_us,
+                    "idle_seconds": args.idle_seconds,
                     "results": [asdict(r) for r in results],
                     "summary": [
                         {"case": row.case, "ratio": row.ratio, "overlap": row.overlap}
