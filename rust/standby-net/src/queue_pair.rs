@@ -492,8 +492,15 @@ fn signal_if(
     }
 }
 
-fn queue_usable(vring: &Vring) -> bool {
-    let state = vring.get_ref();
+/// Whether the frontend lets the device use this ring: started and enabled.
+///
+/// Asked of the state the pass holds locked, never of a separate look: the frontend
+/// stops a ring (GET_VRING_BASE) by clearing `ready` under this lock and replies with
+/// the ring's position right after. A pass that looked first and locked later could
+/// slip in between and complete chains behind the reply: at the end of a migration,
+/// after guest memory was copied for the last time, so the destination would complete
+/// them again (`tests/ring_stop.rs`).
+fn usable(state: &VringState<GuestMemoryAtomic<GuestMemory>>) -> bool {
     state.is_enabled() && state.get_queue().ready()
 }
 
@@ -539,10 +546,10 @@ impl TxVirtio {
         link: LinkParams,
         kicks: Kicks,
     ) -> Result<TxProgress, QueueError> {
-        if !queue_usable(vring) {
+        let mut state = vring.get_mut();
+        if !usable(&state) {
             return Ok(TxProgress::default());
         }
-        let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         let Some(ring) = self.ring.view(self.queue, queue, mem, link.packed_ring)? else {
             return Ok(TxProgress::default());
@@ -805,10 +812,10 @@ impl RxVirtio {
         link: LinkParams,
         kicks: Kicks,
     ) -> Result<RxProgress, QueueError> {
-        if !queue_usable(vring) {
+        let mut state = vring.get_mut();
+        if !usable(&state) {
             return Ok(RxProgress::default());
         }
-        let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
         let Some(ring) = self.ring.view(self.queue, queue, mem, link.packed_ring)? else {
             return Ok(RxProgress::default());

@@ -8,7 +8,7 @@
 //! rings and with packed ones.
 
 use std::fs::File;
-use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+mod common;
+use common::{memfd, socket_path};
 
 const MEM_SIZE: usize = 1 << 20;
 const PAGE: u64 = 4096;
@@ -48,17 +51,6 @@ const TX: RingPages = RingPages {
 };
 
 const PACKED_DEVICE_AREA: u64 = 0x800;
-
-fn memfd(name: &str, size: usize) -> File {
-    let name = std::ffi::CString::new(name).unwrap();
-    // SAFETY: plain memfd_create(2); the descriptor is owned right below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size as u64).unwrap();
-    file
-}
 
 /// The frontend's side: guest memory, the log, the rings, the eventfds.
 struct Guest {
@@ -325,12 +317,6 @@ impl Guest {
             .unwrap();
         assert_eq!(payload, frame[12..], "payload delivered");
     }
-}
-
-fn socket_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("standby-net-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("s.sock")
 }
 
 #[test]

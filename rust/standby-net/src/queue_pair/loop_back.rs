@@ -19,8 +19,8 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 
 use super::{
-    check_frame_len, queue_usable, signal_if, AvailCursor, FrameSource, Kicks, LinkParams,
-    Placement, QueuePair, Taken, TX_CHAINS,
+    check_frame_len, signal_if, usable, AvailCursor, FrameSource, Kicks, LinkParams, Placement,
+    QueuePair, Taken, TX_CHAINS,
 };
 use crate::guest_ring::MappedMemory;
 use crate::stats::CounterDelta;
@@ -51,12 +51,12 @@ impl QueuePair {
         link: LinkParams,
         kicks: Kicks,
     ) -> bool {
-        if !queue_usable(tx_vring) || !queue_usable(rx_vring) {
-            return false;
-        }
         // Only this worker ever holds both; the frontend's thread takes one at a time.
         let mut tx_state = tx_vring.get_mut();
         let mut rx_state = rx_vring.get_mut();
+        if !usable(&tx_state) || !usable(&rx_state) {
+            return false;
+        }
         let tx_queue = tx_state.get_queue_mut();
         let rx_queue = rx_state.get_queue_mut();
         let (tx_index, rx_index) = (self.tx.queue, self.rx.queue);
