@@ -569,3 +569,43 @@ def test_a_libvirt_run_file_names_the_domain_and_the_standby_alias(tmp_path: Pat
         with pytest.raises(ConfigError) as raised:
             load_config(bad)
         assert raised.value.field == field, raised.value
+
+
+def test_a_guest_kernel_oops_is_shown_from_its_first_line_when_the_console_closes(
+    tmp_path: Path,
+) -> None:
+    # A panicking guest prints far more than the last lines can hold: the error must
+    # show where it started (what failed and the call trace), not the panic's tail.
+    from failover_backend.lab.console import ConsoleError, GuestConsole
+
+    boot = [f"[    1.{i:06d}] booting {i}" for i in range(40)]
+    oops = [
+        "[   14.880000] BUG: unable to handle page fault for address: 4d809898a43cebb4",
+        "[   14.880100] Call Trace:",
+        "[   14.880200]  virtqueue_get_buf_ctx+0x1f/0x40 [virtio_ring]",
+    ]
+    tail = [f"[   14.9{i:05d}] register dump {i}" for i in range(120)]
+    path = tmp_path / "serial.sock"
+
+    async def scenario() -> str:
+        async def speak(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write("".join(line + "\r\n" for line in boot + oops + tail).encode())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(speak, path=str(path))
+        console = GuestConsole(path, name="target")
+        await console.connect()
+        try:
+            await console.wait_for("^never printed$", timeout=10)
+        except ConsoleError as err:
+            return str(err)
+        finally:
+            await console.close()
+            server.close()
+        raise AssertionError("no ConsoleError")
+
+    message = asyncio.run(asyncio.wait_for(scenario(), 20))
+    shown = message.splitlines()
+    assert shown[0] == "target: '^never printed$' console closed; the guest kernel failed:"
+    assert shown[1:] == (boot[-5:] + oops + tail)[:80]

@@ -25,6 +25,10 @@ class ConsoleError(RuntimeError):
 #: Lines the guest prints on its own (``fb.watch=1``), never part of a command's output.
 SLAVES_MARKER = "FB-SLAVES"
 
+# The first line of a kernel oops, and how many lines of it an error shows.
+_OOPS = re.compile(r"\] (BUG:|Oops|general protection fault|kernel BUG at|WARNING:)")
+_OOPS_LINES = 80
+
 
 @dataclass(frozen=True)
 class Slave:
@@ -128,12 +132,19 @@ class GuestConsole:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
                     why = "console closed" if self._closed else f"not within {timeout:.0f} s"
-                    tail = "\n".join(line for _, line in self.lines[-15:])
-                    raise ConsoleError(
-                        f"{self.name}: {pattern!r} {why}; last console lines:\n{tail}"
-                    )
+                    raise ConsoleError(f"{self.name}: {pattern!r} {why}; {self._last_words()}")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _last_words(self) -> str:
+        """The last console lines; from the start of a kernel oops when there is one,
+        since its first lines (what failed, the call trace) say the most."""
+        oops = next((i for i, (_, line) in enumerate(self.lines) if _OOPS.search(line)), None)
+        if oops is None:
+            shown, what = self.lines[-15:], "last console lines"
+        else:
+            shown, what = self.lines[max(oops - 5, 0) :][:_OOPS_LINES], "the guest kernel failed"
+        return f"{what}:\n" + "\n".join(line for _, line in shown)
 
     async def run(self, command: str, timeout: float = 30.0) -> CommandResult:
         """Run a shell command in the guest and return its exit code and output."""
